@@ -1,0 +1,68 @@
+"""Linear layers of the engine (MLX q-bit or dense) and the compute-dtype policy per backend.
+
+A quantized layer holds the checkpoint's tensors as MLX writes them: `weight` (uint32, 32/bits values per
+word, lowest bits first), `scales` and `biases` (one per group of `group_size` inputs). The product runs on
+`mx.quantized_matmul`, MLX's fused kernel on Metal, CUDA and CPU; `quantized_linear` is the one place a
+faster kernel may take over.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu': where the default device computes."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def compute_dtype(checkpoint_dtype: mx.Dtype, on: str | None = None) -> mx.Dtype:
+    """The dtype activations and float parameters use.
+
+    On the GPU the checkpoint's own; on the CPU float32, since MLX's q4 matvec on the CPU runs about 30x
+    slower with half-precision activations (DESIGN.md, measured facts).
+    """
+    return mx.float32 if (on or backend()) == "cpu" else checkpoint_dtype
+
+
+def quantized_linear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
+                     group_size: int, bits: int) -> mx.array:
+    """x @ dequantize(weight).T"""
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W dense or MLX-quantized; built from the checkpoint's tensors of one module."""
+
+    def __init__(self, weight: mx.array, bias: mx.array | None = None, *, scales: mx.array | None = None,
+                 biases: mx.array | None = None, group_size: int = 0, bits: int = 0):
+        super().__init__()
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        if scales is not None:
+            self.scales, self.biases = scales, biases
+        self.group_size, self.bits = group_size, bits
+
+    @property
+    def quantized(self) -> bool:
+        return "scales" in self
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.quantized:
+            y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        else:
+            y = x @ self.weight.T
+        return y + self.bias if "bias" in self else y
+
+    def rows(self, ids: mx.array) -> mx.array:
+        """Rows of W for token ids: the embedding lookup, dequantized when quantized."""
+        if not self.quantized:
+            return self.weight[ids]
+        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids],
+                             group_size=self.group_size, bits=self.bits)

@@ -1,0 +1,264 @@
+"""The decoder: one implementation of the llama family with switches for qwen2, qwen3 and mistral.
+
+A `Stage` is (embedding?) + layers [start, end) + (final norm + head?). The whole model on one node is
+the one-stage case; a pipeline chains stages, passing hidden states of shape (batch, seq, hidden).
+Module attribute names mirror the checkpoint's tensor names, so a layer is built straight from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from kernels.linear import Linear, compute_dtype
+from swarm.model.checkpoint import read_tensor, stored_float_dtype, tensor_index
+from swarm.model.config import ModelConfig, ModelError
+from swarm.tensorfile import TensorInfo
+
+
+class KVCache:
+    """Keys and values of one layer for one session, grown in steps of `step` positions."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        # k, v: (batch, kv_heads, new, head_dim)
+        start, end = self.offset, self.offset + k.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            capacity = -(-end // self.step) * self.step
+            self.keys, self.values = self._grown(self.keys, k, capacity), self._grown(self.values, v, capacity)
+        self.keys[..., start:end, :] = k
+        self.values[..., start:end, :] = v
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _grown(self, old: mx.array | None, new: mx.array, capacity: int) -> mx.array:
+        B, heads, _, dim = new.shape
+        kept = 0 if old is None else self.offset
+        room = mx.zeros((B, heads, capacity - kept, dim), new.dtype)
+        return room if old is None else mx.concatenate([old[..., :kept, :], room], axis=2)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[float | None, float, mx.array | None]:
+    """(base, scale, freqs) for mx.fast.rope from the config's rope_theta and rope_scaling."""
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return cfg.rope_theta, 1.0, None
+    if kind == "linear":
+        return cfg.rope_theta, 1.0 / scaling["factor"], None
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+        dims, factor = cfg.head_dim, scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_context = scaling.get("original_max_position_embeddings", 8192)
+        periods = cfg.rope_theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # 1 / inverse frequency
+        wavelengths = 2 * math.pi * periods
+        smooth = (old_context / wavelengths - low) / (high - low)
+        blended = periods / ((1 - smooth) / factor + smooth)
+        freqs = mx.where(wavelengths > old_context / low, periods * factor,
+                         mx.where(wavelengths < old_context / high, periods, blended))
+        return None, 1.0, freqs
+    raise ModelError(f"config.json: rope_scaling type {kind!r} is not supported")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, q_proj, k_proj, v_proj, o_proj, q_norm=None, k_norm=None):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        if q_norm is not None:
+            self.q_norm, self.k_norm = q_norm, k_norm
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps, self.traditional = cfg.rms_norm_eps, cfg.rope_traditional
+        self.rope_base, self.rope_scale, self._freqs = rope_frequencies(cfg)
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=self.traditional, base=self.rope_base,
+                            scale=self.rope_scale, offset=offset, freqs=self._freqs)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)      # (B, L, heads, head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)   # (B, L, kv_heads, head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q = mx.fast.rms_norm(q, self.q_norm, self.eps)
+            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))            # (B, heads, L, head_dim)
+        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
+        k, v = cache.update_and_fetch(k, v)                                # (B, kv_heads, offset + L, head_dim)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+                                                   mask="causal" if L > 1 else None)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_proj, up_proj, down_proj):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm, post_attention_layernorm, eps: float):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm, self.eps = input_layernorm, post_attention_layernorm, eps
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        h = x + self.self_attn(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
+        return h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    start: int
+    end: int
+    first: bool
+    last: bool
+
+
+class Stage(nn.Module):
+    """Embedding (first stage) + layers [start, end) + final norm and head (last stage)."""
+
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, layers: list[Block], dtype: mx.Dtype,
+                 embed_tokens: Linear | None = None, norm: mx.array | None = None, lm_head: Linear | None = None):
+        super().__init__()
+        self.cfg, self.spec, self.dtype = cfg, spec, dtype
+        self.layers = layers
+        if embed_tokens is not None:
+            self.embed_tokens = embed_tokens
+        if norm is not None:
+            self.norm, self.lm_head = norm, lm_head
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def __call__(self, x: mx.array, cache: list[KVCache], all_logits: bool = False) -> mx.array:
+        """x: token ids (B, L) on the first stage, else hidden states (B, L, hidden).
+
+        Returns logits (B, L or 1, vocab) on the last stage (the last position only unless all_logits),
+        else hidden states (B, L, hidden) for the next stage.
+        """
+        h = self.embed_tokens.rows(x) if self.spec.first else x.astype(self.dtype)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, layer_cache)
+        if not self.spec.last:
+            return h
+        if not all_logits:
+            h = h[:, -1:, :]
+        return self.lm_head(mx.fast.rms_norm(h, self.norm, self.cfg.rms_norm_eps))
+
+
+class _Reader:
+    """Builds modules from the named tensors of a checkpoint, checking each one's shape."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: mx.Dtype, folder: Path):
+        self.cfg, self.tensors, self.dtype, self.folder = cfg, tensors, dtype, folder
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise ModelError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        return self.tensors[name]
+
+    def array(self, name: str, shape: tuple[int, ...], cast: bool = True) -> mx.array:
+        info = self.info(name)
+        if info.shape != shape:
+            raise ModelError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
+        a = read_tensor(info)
+        return a.astype(self.dtype) if cast else a
+
+    def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear:
+        b = self.array(f"{path}.bias", (out_dim,)) if bias else None
+        if f"{path}.scales" not in self.tensors:
+            if self.info(f"{path}.weight").dtype == "U32":  # packed q-bit weights without their scales
+                self.info(f"{path}.scales")
+            return Linear(self.array(f"{path}.weight", (out_dim, in_dim)), b)
+        if not self.cfg.quantization:
+            raise ModelError(f"{self.info(path + '.scales').file}: {path} is quantized but config.json has no quantization block")
+        group_size, bits = self.cfg.quant_params(path)
+        if in_dim % group_size or (in_dim * bits) % 32:
+            raise ModelError(f"{self.info(path + '.weight').file}: {path} has {in_dim} inputs, not a multiple of group size {group_size}")
+        weight = self.array(f"{path}.weight", (out_dim, in_dim * bits // 32), cast=False)
+        groups = (out_dim, in_dim // group_size)
+        return Linear(weight, b, scales=self.array(f"{path}.scales", groups), biases=self.array(f"{path}.biases", groups),
+                      group_size=group_size, bits=bits)
+
+    def block(self, i: int) -> Block:
+        cfg, p = self.cfg, f"model.layers.{i}"
+        hidden, q_dim, kv_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        norms = (self.array(f"{p}.self_attn.q_norm.weight", (cfg.head_dim,)),
+                 self.array(f"{p}.self_attn.k_norm.weight", (cfg.head_dim,))) if cfg.qk_norm else ()
+        attn = Attention(cfg,
+                         self.linear(f"{p}.self_attn.q_proj", q_dim, hidden, cfg.qkv_bias),
+                         self.linear(f"{p}.self_attn.k_proj", kv_dim, hidden, cfg.qkv_bias),
+                         self.linear(f"{p}.self_attn.v_proj", kv_dim, hidden, cfg.qkv_bias),
+                         self.linear(f"{p}.self_attn.o_proj", hidden, q_dim, cfg.attention_bias), *norms)
+        mlp = MLP(self.linear(f"{p}.mlp.gate_proj", cfg.intermediate_size, hidden, cfg.mlp_bias),
+                  self.linear(f"{p}.mlp.up_proj", cfg.intermediate_size, hidden, cfg.mlp_bias),
+                  self.linear(f"{p}.mlp.down_proj", hidden, cfg.intermediate_size, cfg.mlp_bias))
+        block = Block(attn, mlp, self.array(f"{p}.input_layernorm.weight", (hidden,)),
+                      self.array(f"{p}.post_attention_layernorm.weight", (hidden,)), cfg.rms_norm_eps)
+        mx.eval(block.parameters())
+        return block
+
+
+def shard_extent(model_dir: Path, cfg: ModelConfig) -> StageSpec:
+    """The part of the model a folder holds: all of it, or what its shard.json says."""
+    marker = model_dir / "shard.json"
+    if not marker.exists():
+        return StageSpec(0, cfg.num_hidden_layers, True, True)
+    try:
+        s = json.loads(marker.read_text())
+        return StageSpec(int(s["start"]), int(s["end"]), bool(s["first"]), bool(s["last"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{marker}: not a valid shard description ({e})") from None
+
+
+def load_stage(model_dir: str | Path, start: int | None = None, end: int | None = None, first: bool | None = None,
+               last: bool | None = None, dtype: mx.Dtype | None = None) -> Stage:
+    """Load layers [start, end) of the checkpoint in model_dir (default: all it holds), reading only those tensors.
+
+    first/last default to whether the stage begins at layer 0 / ends at the last layer. dtype defaults to the
+    backend's compute dtype for this checkpoint (kernels.linear.compute_dtype).
+    """
+    folder = Path(model_dir)
+    cfg = ModelConfig.load(folder)
+    held = shard_extent(folder, cfg)
+    start = held.start if start is None else start
+    end = held.end if end is None else end
+    first = (start == 0) if first is None else first
+    last = (end == cfg.num_hidden_layers) if last is None else last
+    if not (held.start <= start <= end <= held.end) or (first and not held.first) or (last and not held.last):
+        raise ModelError(f"{folder}: holds layers [{held.start}, {held.end}) (first={held.first}, last={held.last}); "
+                         f"asked for [{start}, {end}) (first={first}, last={last})")
+    tensors = tensor_index(folder)
+    dtype = dtype or compute_dtype(stored_float_dtype(tensors))
+    reader = _Reader(cfg, tensors, dtype, folder)
+    layers = [reader.block(i) for i in range(start, end)]
+    tied = cfg.tie_word_embeddings if cfg.tie_word_embeddings is not None else "lm_head.weight" not in tensors
+    embed = norm = head = None
+    if first or (last and tied):
+        embed = reader.linear("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)
+    if last:
+        norm = reader.array("model.norm.weight", (cfg.hidden_size,))
+        head = embed if tied else reader.linear("lm_head", cfg.vocab_size, cfg.hidden_size)
+    stage = Stage(cfg, StageSpec(start, end, first, last), layers, dtype,
+                  embed_tokens=embed if first else None, norm=norm, lm_head=head)
+    mx.eval(stage.parameters())
+    return stage
