@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,98 @@ def _cmd_split(args) -> int:
     return 0
 
 
+def _cmd_up(args) -> int:
+    import asyncio
+    import signal
+
+    from swarm.node import Node, NodeConfig
+    from topology import parse_size
+
+    config = NodeConfig(model=args.model, name=args.name or NodeConfig().name, host=args.host, port=args.port,
+                        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+                        max_context=args.max_context, cluster_key=args.cluster_key or os.environ.get("CAKE_SWARM_KEY"),
+                        topology=args.topology, strategy=args.strategy, wire_dtype=args.wire_dtype,
+                        peers=tuple(args.peer), mdns=not args.no_mdns, speed=args.speed, cache_dir=args.cache_dir,
+                        api_key=args.api_key, max_sessions=args.max_sessions)
+
+    async def serve() -> None:
+        node = Node(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await node.start()
+            print(f"cake-swarm: node {node.name} ({node.id}) serving on http://{config.host}:{config.port}/",
+                  file=sys.stderr, flush=True)
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    try:
+        import uvloop
+        uvloop.run(serve())
+    except ImportError:
+        asyncio.run(serve())
+    return 0
+
+
+def _node_url(node: str) -> str:
+    return node if node.startswith("http") else f"http://{node}"
+
+
+def _cmd_status(args) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(_node_url(args.node) + "/api/swarm", timeout=10) as r:
+        state = json.loads(r.read())
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    from topology import format_size
+
+    print(f"swarm {state['cluster']['id']}{' (OPEN: no cluster key)' if state['cluster']['open'] else ''}: "
+          f"{'ready' if state['ready'] else 'not ready'}, epoch {state['epoch']}")
+    if state.get("plan_error"):
+        print(f"  plan: {state['plan_error']}")
+    for n in state["nodes"]:
+        layers = f"layers [{n['layers'][0]}, {n['layers'][1]})" if n.get("layers") else "no layers"
+        print(f"  {n['name']:<16} {n['addr']}:{n['port']:<6} {n['backend']:<5} budget {format_size(int(n['budget'])):>9} "
+              f"used {format_size(int(n.get('used') or 0)):>9}  {layers:<18} {n.get('state', '?'):<8} "
+              f"{float(n['speed']):.2f} GB/s{'  (model source)' if n.get('model') else ''}")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    import asyncio
+    import json
+
+    import aiohttp
+
+    async def chat() -> int:
+        body = {"messages": [{"role": "user", "content": args.message}], "max_tokens": args.max_tokens,
+                "temperature": args.temperature}
+        async with aiohttp.ClientSession() as http, http.ws_connect(_node_url(args.node) + "/ws/chat") as ws:
+            await ws.send_json(body)
+            async for msg in ws:
+                frame = json.loads(msg.data)
+                if frame["type"] == "token":
+                    sys.stdout.write(frame["text"])
+                    sys.stdout.flush()
+                elif frame["type"] == "done":
+                    t = frame.get("timings", {})
+                    print(f"\n[{frame['usage']['completion_tokens']} tokens, {t.get('decode_tps', 0):.1f} tok/s, "
+                          f"first token after {t.get('ttft_s', 0) * 1000:.0f} ms]", file=sys.stderr)
+                    return 0
+                else:
+                    print(f"cake-swarm: error: {frame.get('message')}", file=sys.stderr)
+                    return 1
+        return 1
+
+    return asyncio.run(chat())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cake-swarm", description="Run one language model across your devices.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -88,6 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, help="quantize to this many bits (default: float32)")
     c.add_argument("--group-size", type=int, default=32)
     c.set_defaults(run=_cmd_convert)
+
+    u = sub.add_parser("up", help="start this machine's daemon and join the swarm")
+    u.add_argument("--model", help="checkpoint folder, Hugging Face repo id or 'demo' (this node becomes a source)")
+    u.add_argument("--name", help="node name (default: the hostname)")
+    u.add_argument("--host", default="0.0.0.0", help="address to serve and advertise on (mDNS runs on its interface)")
+    u.add_argument("--port", type=int, default=10128)
+    u.add_argument("--memory-budget", help="memory this node offers, e.g. 6GiB, 800MB (default: 60%% of free memory)")
+    u.add_argument("--max-context", type=int, default=4096, help="tokens of KV cache to reserve per layer")
+    u.add_argument("--cluster-key", help="shared secret of the swarm (or $CAKE_SWARM_KEY); without it the swarm is open")
+    u.add_argument("--topology", type=Path, help="topology YAML pinning layers to nodes (edits are applied live)")
+    u.add_argument("--strategy", choices=("fastest", "proportional"), default="fastest")
+    u.add_argument("--wire-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    u.add_argument("--peer", action="append", default=[], help="HOST:PORT of a peer (where multicast is blocked)")
+    u.add_argument("--no-mdns", action="store_true", help="do not advertise or browse over mDNS")
+    u.add_argument("--speed", type=float, help="GB/s to advertise instead of measuring (pins placement order)")
+    u.add_argument("--cache-dir", type=Path, help="shard cache (default: $XDG_CACHE_HOME/cake-swarm)")
+    u.add_argument("--api-key", help="require this Bearer token for the API and dashboard")
+    u.add_argument("--max-sessions", type=int, default=16, help="concurrent generations this node takes")
+    u.set_defaults(run=_cmd_up)
+
+    st = sub.add_parser("status", help="the swarm as a node sees it")
+    st.add_argument("--node", default="127.0.0.1:10128", help="HOST:PORT of any node")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(run=_cmd_status)
+
+    ch = sub.add_parser("chat", help="send one message to the swarm and stream the answer")
+    ch.add_argument("message")
+    ch.add_argument("--node", default="127.0.0.1:10128", help="HOST:PORT of any node")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.set_defaults(run=_cmd_chat)
 
     s = sub.add_parser("split", help="write the shards of a topology offline, one folder per node")
     s.add_argument("--model", required=True)

@@ -99,6 +99,24 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
 
 
+class TextStream:
+    """Token ids in, text out: the streaming detokenizer and the stop rules of one generation.
+
+    Without a tokenizer (a checkpoint that ships none) only ids flow: EOS and the budget still stop it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, prompt_tokens: int, context: int,
+                 eos_ids=None):
+        self.detok = tokenizer.detokenizer() if tokenizer else None
+        self.eos = set(eos_ids if eos_ids is not None else tokenizer.eos_token_ids if tokenizer else ())
+        self.stops = StopChecker(params.stop if tokenizer else (), self.eos, params.max_tokens, context, prompt_tokens)
+
+    def feed(self, token: int) -> tuple[str, str | None]:
+        """(new text, finish reason or None) after one more token."""
+        piece = "" if token in self.eos or self.detok is None else self.detok.add(token)
+        return self.stops.feed(token, piece)
+
+
 def generate_text(stage: Stage, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
                   max_context: int | None = None, completion: Completion | None = None) -> Iterator[str]:
     """Pieces of text as they complete (never half a character, never part of a stop string).
@@ -106,12 +124,10 @@ def generate_text(stage: Stage, tokenizer: Tokenizer, prompt: list[int], params:
     `completion` (if given) collects the ids, the full text, the finish reason and the timings.
     """
     done = completion if completion is not None else Completion()
-    detok = tokenizer.detokenizer()
-    context = max_context or stage.cfg.max_position_embeddings
-    stops = StopChecker(params.stop, tokenizer.eos_token_ids, params.max_tokens, context - len(prompt))
+    stream = TextStream(tokenizer, params, len(prompt), max_context or stage.cfg.max_position_embeddings)
     for token in generate_ids(stage, prompt, params, tokenizer.eos_token_ids, max_context, done.timings):
         done.token_ids.append(token)
-        text, reason = stops.feed(token, "" if token in tokenizer.eos_token_ids else detok.add(token))
+        text, reason = stream.feed(token)
         if text:
             done.text += text
             yield text

@@ -1,0 +1,388 @@
+"""Builds, checks and times the fused q4 kernels (kernels/cuda_q4.py) against MLX's own on a CUDA GPU.
+
+    python scripts/bench_gpu.py check    # every linear shape of Qwen2.5 0.5B-7B and Llama 3.2 1B, groups 32/64/128,
+                                         # float16 and bfloat16, outputs poisoned with NaN: rel err < 1e-3
+    python scripts/bench_gpu.py time     # GB/s and us per call: mx.quantized_matmul vs ours, per shape and variant
+    python scripts/bench_gpu.py sweep    # launch configurations (R, SPLIT, WPB) on the large 7B shapes
+    python scripts/bench_gpu.py decode   # tok/s of random 4-bit checkpoints: mlx-lm vs the engine with/without kernels
+
+Each phase prints a table last and appends JSON lines to $OUT/bench.jsonl (or ./bench.jsonl). Errors are
+relative: ||out - ref|| / ||ref||, ref = mx.quantized_matmul in float32 on upcast inputs rounded to the
+dtype (what an exact kernel returns); MLX's own half-precision result is measured against it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from kernels import cuda_q4  # noqa: E402
+
+MODELS = {  # hidden, intermediate, heads, kv heads, head dim, vocab, qkv bias
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936, True),
+    "qwen2.5-1.5b": (1536, 8960, 12, 2, 128, 151936, True),
+    "qwen2.5-3b": (2048, 11008, 16, 2, 128, 151936, True),
+    "qwen2.5-7b": (3584, 18944, 28, 4, 128, 152064, True),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, False),
+}
+DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16}
+OUT = Path(os.environ.get("OUT", "."))
+NAN = float("nan")
+
+
+def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
+    h, inter, heads, kv, hd, vocab, _ = MODELS[model]
+    return {"q": (heads * hd, h), "kv": (kv * hd, h), "o": (h, heads * hd), "gate/up": (inter, h),
+            "down": (h, inter), "head": (vocab, h)}
+
+
+def all_shapes() -> list[tuple[int, int]]:
+    seen = []
+    for m in MODELS:
+        for s in linear_shapes(m).values():
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def log(record: dict) -> None:
+    record["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(OUT / "bench.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cols = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cols)
+
+
+def card() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = "unknown"
+    return f"{out} | mlx {mx.__version__} | {time.strftime('%Y-%m-%d')}"
+
+
+def keys(seed: int, n: int):
+    return mx.random.split(mx.random.key(seed), n)
+
+
+# ---------------------------------------------------------------- check
+
+def check(seed: int = 1) -> bool:
+    print("card:", card(), flush=True)
+    ok = cuda_q4.enabled()
+    print("self-check:", "passed" if ok else "FAILED", "\n" + cuda_q4.check_report(), flush=True)
+    worst: dict[str, list] = {}   # category -> [ours vs ref, mlx vs ref, ours vs mlx, count]
+    failures = []
+
+    def record(cat: str, what: str, out, ref, mlx_out):
+        e, em, eo = cuda_q4.rel_err(out, ref), cuda_q4.rel_err(mlx_out, ref), cuda_q4.rel_err(out, mlx_out)
+        w = worst.setdefault(cat, [0.0, 0.0, 0.0, 0])
+        w[0], w[1], w[2], w[3] = max(w[0], e), max(w[1], em), max(w[2], eo), w[3] + 1
+        log({"phase": "check", "cat": cat, "what": what, "err": e, "mlx_err": em, "err_vs_mlx": eo})
+        if not e < cuda_q4.TOLERANCE:
+            failures.append(f"{cat} {what}: {e:.3e}")
+
+    n_key = 0
+    for dname, dtype in DTYPES.items():
+        for gs in (32, 64, 128):
+            for n, k in all_shapes():
+                ms = (1, 2, 3, 5, 8) if gs == 64 and n < 100_000 else (1,)
+                n_key += 1
+                kk = keys(seed * 1000 + n_key, 2 + len(ms))
+                layer = cuda_q4.random_q4(n, k, gs, dtype, kk[0])
+                for m, xk in zip(ms, kk[2:]):
+                    x = mx.random.normal((m, k), key=xk).astype(dtype)
+                    out = cuda_q4.q4_matvec(x, *layer, gs, init_value=NAN)
+                    ref = cuda_q4.reference(x, layer, gs)
+                    mlx_out = mx.quantized_matmul(x, *layer, transpose=True, group_size=gs, bits=4)
+                    record(f"matvec {dname} m={m}", f"{n}x{k} gs={gs}", out, ref, mlx_out)
+                del layer
+            for model in MODELS:
+                h, inter, *_ = MODELS[model]
+                qkv_bias = MODELS[model][6]
+                n_key += 1
+                kk = keys(seed * 1000 + n_key, 9)
+                gate, up = (cuda_q4.random_q4(inter, h, gs, dtype, kk[i]) for i in (0, 1))
+                shapes = linear_shapes(model)
+                q = cuda_q4.random_q4(*shapes["q"], gs, dtype, kk[2])
+                kl, vl = (cuda_q4.random_q4(*shapes["kv"], gs, dtype, kk[i]) for i in (3, 4))
+                lbs = tuple(mx.random.normal((t[0].shape[0],), key=kk[5 + i]).astype(dtype) * 0.5
+                            for i, t in enumerate((q, kl, vl))) if qkv_bias else None
+                for m in ((1, 2, 8) if gs == 64 else (1,)):
+                    x = mx.random.normal((m, h), key=mx.random.fold_in(kk[8], m)).astype(dtype)
+                    out = cuda_q4.swiglu(x, *gate, *up, gs, init_value=NAN)
+                    ref = cuda_q4._swiglu_reference(x, gate, up, gs)
+                    g = mx.quantized_matmul(x, *gate, transpose=True, group_size=gs, bits=4)
+                    u = mx.quantized_matmul(x, *up, transpose=True, group_size=gs, bits=4)
+                    record(f"swiglu {dname} m={m}", f"{model} gs={gs}", out, ref, (g * mx.sigmoid(g)) * u)
+                    outs = cuda_q4.qkv(x, q, kl, vl, gs, lbs, init_value=NAN)
+                    for j, (name, t) in enumerate(zip("qkv", (q, kl, vl))):
+                        ref = cuda_q4.reference(x, t, gs)
+                        mo = mx.quantized_matmul(x, *t, transpose=True, group_size=gs, bits=4)
+                        if lbs is not None:
+                            ref, mo = ref + lbs[j], mo + lbs[j]
+                        record(f"qkv {dname} m={m}", f"{model}.{name} gs={gs}", outs[j], ref, mo)
+        print(f"checked {dname}", flush=True)
+    rows = [[cat, v[3], f"{v[0]:.2e}", f"{v[1]:.2e}", f"{v[2]:.2e}"] for cat, v in worst.items()]
+    print(table(rows, ["category", "checks", "worst ours", "worst mlx", "ours vs mlx"]))
+    print(f"{sum(v[3] for v in worst.values())} checks, {len(failures)} over {cuda_q4.TOLERANCE}")
+    for f in failures[:20]:
+        print("FAIL", f)
+    return ok and not failures
+
+
+# ---------------------------------------------------------------- timing
+
+def per_call(fn, arg_sets: list, n_iter: int, repeats: int = 5) -> float:
+    """Median seconds per call of fn(*args) over n_iter calls per eval, rotating through arg_sets."""
+    mx.eval([fn(*a) for a in arg_sets[:3]])
+    times = []
+    for _ in range(repeats):
+        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(n_iter)]
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        times.append((time.perf_counter() - t0) / n_iter)
+    return statistics.median(times)
+
+
+def random_layers(n: int, k: int, gs: int, dtype, copies: int, seed: int) -> list[tuple]:
+    """Copies of a random 4-bit layer (random bits, random scales/biases) to rotate through, beyond L2."""
+    out = []
+    for i, kk in enumerate(keys(seed, copies)):
+        a, b, c = mx.random.split(kk, 3)
+        w = mx.random.randint(0, 2 ** 31 - 1, (n, k // 8), key=a).astype(mx.uint32) * 2 + 1  # random nonzero codes
+        s = (mx.random.uniform(0.5, 1.5, (n, k // gs), key=b) * 0.002).astype(dtype)
+        bb = (mx.random.normal((n, k // gs), key=c) * 0.01).astype(dtype)
+        out.append((w, s, bb))
+    mx.eval(out)
+    return out
+
+
+def layer_bytes(n: int, k: int, gs: int) -> int:
+    return n * k // 2 + 2 * 2 * n * (k // gs)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(400e6 / nbytes)))   # > 8x the 50 MB L2, at most 64 copies
+
+
+def time_shapes(dname: str = "bf16", gs: int = 64) -> None:
+    dtype = DTYPES[dname]
+    print("card:", card(), flush=True)
+    rows = []
+    qm = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=4)  # noqa: E731
+    ours = lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs)  # noqa: E731
+    for n, k in all_shapes():
+        for m in ((1, 4, 8) if (n, k) in ((18944, 3584), (3584, 18944)) else (1,)):
+            nb = layer_bytes(n, k, gs)
+            layers = random_layers(n, k, gs, dtype, copies_for(nb), seed=n + k)
+            x = mx.random.normal((m, k)).astype(dtype)
+            args = [(x, *lay) for lay in layers]
+            n_iter = max(50, min(400, int(2e9 / nb)))
+            t_mlx, t_ours = per_call(qm, args, n_iter), per_call(ours, args, n_iter)
+            rows.append([f"matvec {n}x{k}", m, f"{nb / 1e6:.1f}", f"{t_mlx * 1e6:.1f}", f"{nb / t_mlx / 1e9:.0f}",
+                         f"{t_ours * 1e6:.1f}", f"{nb / t_ours / 1e9:.0f}", f"{t_mlx / t_ours:.2f}"])
+            log({"phase": "time", "kind": "matvec", "n": n, "k": k, "m": m, "dtype": dname, "gs": gs,
+                 "bytes": nb, "mlx_s": t_mlx, "ours_s": t_ours, "config": cuda_q4.launch_config(n, k, m)})
+            del layers, args
+    for model in MODELS:
+        h, inter, *_ = MODELS[model]
+        shapes = linear_shapes(model)
+        nb = 2 * layer_bytes(inter, h, gs)
+        c = copies_for(nb)
+        gates, ups = random_layers(inter, h, gs, dtype, c, 1), random_layers(inter, h, gs, dtype, c, 2)
+        x = mx.random.normal((1, h)).astype(dtype)
+        args = [(x, *g, *u) for g, u in zip(gates, ups)]
+
+        def unfused(x, gw, gsc, gb, uw, us, ub):
+            g, u = qm(x, gw, gsc, gb), qm(x, uw, us, ub)
+            return (g * mx.sigmoid(g)) * u
+
+        n_iter = max(50, min(400, int(2e9 / nb)))
+        t_mlx = per_call(unfused, args, n_iter)
+        t_ours = per_call(lambda x, *t: cuda_q4.swiglu(x, *t, gs), args, n_iter)
+        rows.append([f"swiglu {model}", 1, f"{nb / 1e6:.1f}", f"{t_mlx * 1e6:.1f}", f"{nb / t_mlx / 1e9:.0f}",
+                     f"{t_ours * 1e6:.1f}", f"{nb / t_ours / 1e9:.0f}", f"{t_mlx / t_ours:.2f}"])
+        log({"phase": "time", "kind": "swiglu", "model": model, "dtype": dname, "gs": gs, "bytes": nb,
+             "mlx_s": t_mlx, "ours_s": t_ours})
+        del gates, ups, args
+        (nq, _), (nkv, _) = shapes["q"], shapes["kv"]
+        nb = layer_bytes(nq, h, gs) + 2 * layer_bytes(nkv, h, gs)
+        c = copies_for(nb)
+        qs, ks, vs = (random_layers(n_, h, gs, dtype, c, i) for i, n_ in ((3, nq), (4, nkv), (5, nkv)))
+        args = [(x, a, b, d) for a, b, d in zip(qs, ks, vs)]
+        n_iter = max(50, min(400, int(2e9 / nb)))
+        t_mlx = per_call(lambda x, a, b, d: (qm(x, *a), qm(x, *b), qm(x, *d)), args, n_iter)
+        t_ours = per_call(lambda x, a, b, d: cuda_q4.qkv(x, a, b, d, gs), args, n_iter)
+        rows.append([f"qkv {model}", 1, f"{nb / 1e6:.1f}", f"{t_mlx * 1e6:.1f}", f"{nb / t_mlx / 1e9:.0f}",
+                     f"{t_ours * 1e6:.1f}", f"{nb / t_ours / 1e9:.0f}", f"{t_mlx / t_ours:.2f}"])
+        log({"phase": "time", "kind": "qkv", "model": model, "dtype": dname, "gs": gs, "bytes": nb,
+             "mlx_s": t_mlx, "ours_s": t_ours})
+        del qs, ks, vs, args
+    # ceilings: a dense float16 matvec of the largest shape and a device copy
+    w = [mx.random.normal((18944, 3584)).astype(mx.float16) for _ in range(3)]
+    x = mx.random.normal((1, 3584)).astype(mx.float16)
+    t = per_call(lambda x, w: x @ w.T, [(x, a) for a in w], 100)
+    rows.append(["dense f16 18944x3584", 1, f"{w[0].nbytes / 1e6:.1f}", "", "", f"{t * 1e6:.1f}",
+                 f"{w[0].nbytes / t / 1e9:.0f}", ""])
+    a = mx.random.normal((256 * 2 ** 20,)).astype(mx.float16)
+    t = per_call(lambda a: a + 1, [(a,)], 20)
+    rows.append(["copy 512 MiB f16 (r+w)", "", f"{2 * a.nbytes / 1e6:.0f}", "", "", f"{t * 1e6:.1f}",
+                 f"{2 * a.nbytes / t / 1e9:.0f}", ""])
+    log({"phase": "time", "kind": "ceilings", "dense_s": t})
+    print(f"{dname}, group size {gs}; GB/s counts weight + scale + bias bytes; card: {card()}")
+    print(table(rows, ["what", "m", "MB", "mlx us", "mlx GB/s", "ours us", "ours GB/s", "speed-up"]))
+
+
+def sweep(dname: str = "bf16", gs: int = 64) -> None:
+    dtype = DTYPES[dname]
+    print("card:", card(), flush=True)
+    configs = [(r, s, w) for r in (1, 2, 4, 8) for s in (1, 2, 4, 8) for w in (4, 8) if w % s == 0]
+    rows = []
+    for n, k in ((18944, 3584), (3584, 18944), (3584, 3584), (512, 3584), (152064, 3584), (4864, 896)):
+        nb = layer_bytes(n, k, gs)
+        layers = random_layers(n, k, gs, dtype, copies_for(nb), seed=7)
+        x = mx.random.normal((1, k)).astype(dtype)
+        ref = cuda_q4.reference(x, layers[0], gs)
+        args = [(x, *lay) for lay in layers]
+        n_iter = max(50, min(400, int(2e9 / nb)))
+        results = []
+        for cfg in configs:
+            err = cuda_q4.rel_err(cuda_q4.q4_matvec(x, *layers[0], gs, config=cfg, init_value=NAN), ref)
+            t = per_call(lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, config=cfg), args, n_iter, 3)
+            results.append((t, cfg, err))
+            log({"phase": "sweep", "n": n, "k": k, "config": cfg, "s": t, "err": err, "bytes": nb})
+        results.sort()
+        default = cuda_q4.launch_config(n, k, 1)
+        t_default = next(t for t, c, _ in results if c == default)
+        for t, cfg, err in results[:3]:
+            rows.append([f"{n}x{k}", str(cfg), f"{t * 1e6:.1f}", f"{nb / t / 1e9:.0f}", f"{err:.1e}",
+                         f"{default} {nb / t_default / 1e9:.0f}"])
+        del layers, args
+    print(table(rows, ["shape", "(R,SPLIT,WPB)", "us", "GB/s", "err", "default GB/s"]))
+
+
+# ---------------------------------------------------------------- decode
+
+def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
+    import mlx.nn as nn
+
+    import kernels.linear as linear
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_model import make_model
+    from swarm.model import decoder
+    from swarm.model.decoder import load_stage
+    from swarm.model.generate import Timings, generate_ids
+    from swarm.model.sampling import SamplingParams
+
+    print("card:", card(), flush=True)
+    enabled = cuda_q4.enabled()
+    print("kernels enabled:", enabled, flush=True)
+    plain_linear, plain_mlp, plain_attn = linear.quantized_linear, decoder.MLP.__call__, decoder.Attention.__call__
+
+    def fast_linear(x, weight, scales, biases, group_size, bits):
+        if bits == 4:
+            y = cuda_q4.q4_matvec(x, weight, scales, biases, group_size)
+            if y is not None:
+                return y
+        return plain_linear(x, weight, scales, biases, group_size, bits)
+
+    def fused_mlp(self, x):
+        h = cuda_q4.fused_swiglu(x, self.gate_proj, self.up_proj)
+        return self.down_proj(h if h is not None else nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused_attn(self, x, cache):
+        out = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj)
+        if out is None:
+            return plain_attn(self, x, cache)
+        B, L, _ = x.shape
+        q, k, v = out
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q = mx.fast.rms_norm(q, self.q_norm, self.eps)
+            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+                                                 mask="causal" if L > 1 else None)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def variant(name):
+        linear.quantized_linear = fast_linear if name != "engine" else plain_linear
+        decoder.MLP.__call__ = fused_mlp if name == "engine+fused" else plain_mlp
+        decoder.Attention.__call__ = fused_attn if name == "engine+fused" else plain_attn
+
+    rows = []
+    prompt = list(range(1000, 1032))
+    for shape in shapes:
+        path = Path(f"/tmp/models/{shape}")
+        if not (path / "config.json").exists():
+            t0 = time.perf_counter()
+            make_model(shape, path)
+            print(f"made {shape} in {time.perf_counter() - t0:.0f} s", flush=True)
+        try:
+            from mlx_lm import load as lm_load
+            from mlx_lm import stream_generate
+            model, tok = lm_load(str(path))
+            for _ in range(2):
+                last = None
+                for last in stream_generate(model, tok, prompt, max_tokens=tokens):
+                    pass
+            rows.append([shape, "mlx-lm 0.32.2", f"{last.generation_tps:.1f}", ""])
+            log({"phase": "decode", "shape": shape, "variant": "mlx-lm", "tps": last.generation_tps})
+            del model
+        except Exception as e:  # the engine's numbers still count without the reference
+            rows.append([shape, "mlx-lm", "error", f"{type(e).__name__}: {e}"[:60]])
+        stage = load_stage(path)
+        for name in ("engine", "engine+q4", "engine+fused") if enabled else ("engine",):
+            variant(name)
+            best, out_ids = 0.0, None
+            for _ in range(2):
+                t = Timings()
+                ids = list(generate_ids(stage, prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
+                                        timings=t))
+                best = max(best, t.decode_tps)
+                out_ids = out_ids or ids
+            same = "" if name == "engine" else ("same tokens" if out_ids == base_ids else "tokens differ")
+            if name == "engine":
+                base_ids = out_ids
+            rows.append([shape, name, f"{best:.1f}", same])
+            log({"phase": "decode", "shape": shape, "variant": name, "tps": best, "note": same})
+        variant("engine")
+        del stage
+    print(f"decode tok/s, greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
+    print(table(rows, ["model", "variant", "tok/s", "note"]))
+
+
+if __name__ == "__main__":
+    phase = sys.argv[1] if len(sys.argv) > 1 else "check"
+    if phase == "check":
+        sys.exit(0 if check() else 1)
+    elif phase == "time":
+        time_shapes(*sys.argv[2:3])
+    elif phase == "sweep":
+        sweep()
+    elif phase == "decode":
+        decode(tuple(sys.argv[2:]) or ("qwen2.5-0.5b", "qwen2.5-7b"))
+    else:
+        sys.exit(f"unknown phase {phase!r}")

@@ -1,0 +1,266 @@
+"""The peer table: authenticated websocket links to every peer, heartbeats, failure detection.
+
+Each node dials every peer it learns of (mDNS, --peer, a peer's welcome or an incoming dial) and sends
+its own frames on the link it dialed; frames arrive on the links peers dialed to it. A link is admitted
+after a mutual HMAC challenge-response on the cluster key. A peer is dead when its links close or when
+no frame came from it for DEAD_AFTER_S seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from swarm import auth
+from swarm.protocol import MAX_FRAME_BYTES, ProtocolError, close_with_error, encode_frame, recv_frame, send_frame
+
+log = logging.getLogger("swarm.membership")
+
+HEARTBEAT_S = 1.0
+DEAD_AFTER_S = 3.5
+HANDSHAKE_S = 5.0
+VERSION = "1"
+
+
+class PeerGone(ConnectionError):
+    """A frame could not be sent: the peer is unknown, unreachable or dead."""
+
+
+@dataclass
+class Peer:
+    node_id: str
+    addr: str
+    port: int
+    info: dict
+    last_seen: float = field(default_factory=time.monotonic)
+    link: aiohttp.ClientWebSocketResponse | None = None      # ours, for sending
+    inbound: set = field(default_factory=set)                # theirs, for receiving
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name", self.node_id))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}"
+
+
+class Membership:
+    def __init__(self, node_id: str, key: str | None, info: Callable[[], dict],
+                 on_join: Callable[[Peer], None], on_leave: Callable[[Peer, str], None],
+                 on_frame: Callable[[str, dict], Awaitable[None] | None]):
+        self.node_id, self.key, self.cluster = node_id, key, auth.cluster_id(key)
+        self.info, self.on_join, self.on_leave, self.on_frame = info, on_join, on_leave, on_frame
+        self.peers: dict[str, Peer] = {}
+        self.refused: dict[str, str] = {}          # address -> why we refused it (shown in status)
+        self._dialing: set[tuple[str, int]] = set()
+        self._static: set[tuple[str, int]] = set()   # --peer addresses, redialed until they answer
+        self._tasks: set[asyncio.Task] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._seq = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_S))
+        self._spawn(self._heartbeats())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            for ws in [peer.link, *peer.inbound]:
+                if ws is not None and not ws.closed:
+                    await ws.close()
+        if self._http is not None:
+            await self._http.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    async def send(self, node_id: str, frame: dict) -> None:
+        peer = self.peers.get(node_id)
+        if peer is None or peer.link is None or peer.link.closed:
+            raise PeerGone(f"peer {node_id} is not connected")
+        try:
+            await peer.link.send_bytes(encode_frame(frame))
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+            self.drop(node_id, f"send failed: {e}")
+            raise PeerGone(f"peer {node_id}: {e}") from None
+
+    async def broadcast(self, frame: dict) -> None:
+        for node_id in list(self.peers):
+            try:
+                await self.send(node_id, frame)
+            except PeerGone:
+                pass
+
+    # --- joining -----------------------------------------------------------------------------------
+
+    def keep(self, addr: str, port: int) -> None:
+        """A peer given by address: dialed now and again whenever it is not connected."""
+        self._static.add((addr, port))
+        self.dial_soon(addr, port)
+
+    def dial_soon(self, addr: str, port: int) -> None:
+        if (addr, port) not in self._dialing and not any(
+                p.addr == addr and p.port == port and p.link is not None for p in self.peers.values()):
+            self._spawn(self.dial(addr, port))
+
+    async def dial(self, addr: str, port: int) -> Peer | None:
+        """Connect to a peer, authenticate both ways, and keep reading its link until it closes."""
+        where = f"{addr}:{port}"
+        self._dialing.add((addr, port))
+        ws = None
+        try:
+            ws = await self._http.ws_connect(f"http://{where}/peer", max_msg_size=MAX_FRAME_BYTES,
+                                             heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+            hello = await recv_frame(ws, timeout=HANDSHAKE_S)
+            if hello is None or hello["t"] != "hello":
+                raise ProtocolError(f"expected hello, got {hello and hello['t']}")
+            peer_id = hello["node_id"]
+            if peer_id == self.node_id:
+                await ws.close()
+                return None
+            if hello["cluster"] != self.cluster:
+                self.refused[where] = f"cluster {hello['cluster']} is not ours ({self.cluster})"
+                log.warning("not joining %s: %s", where, self.refused[where])
+                await ws.close()
+                return None
+            mine = auth.new_challenge()
+            await send_frame(ws, {"t": "auth", "node_id": self.node_id, "challenge": mine, "info": self.info(),
+                                  "response": auth.respond(self.key, hello["challenge"], self.node_id)})
+            welcome = await recv_frame(ws, timeout=HANDSHAKE_S)
+            if welcome is None or welcome["t"] != "welcome" or not auth.check(
+                    self.key, mine, peer_id, bytes(welcome.get("response") or b"")):
+                why = welcome["message"] if welcome and welcome["t"] == "error" else "it failed authentication"
+                self.refused[where] = why
+                log.warning("not joining %s: %s", where, why)
+                await ws.close()
+                return None
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ProtocolError) as e:
+            log.info("cannot join %s: %s", where, e)
+            if ws is not None:
+                await ws.close()
+            return None
+        finally:
+            self._dialing.discard((addr, port))
+        self.refused.pop(where, None)
+        peer = self._admit(peer_id, addr, port, welcome.get("info") or hello.get("info") or {})
+        if peer.link is not None and not peer.link.closed:
+            await ws.close()  # dialed twice (both sides found each other at once): keep the first link
+            return peer
+        peer.link = ws
+        for other in welcome.get("peers") or []:
+            if isinstance(other, dict) and other.get("node_id") not in self.peers and other.get("node_id") != self.node_id:
+                self.dial_soon(str(other.get("addr")), int(other.get("port") or 0))
+        self._spawn(self._read(peer_id, ws))
+        return peer
+
+    async def accept(self, request: web.Request) -> web.WebSocketResponse:
+        """The /peer route: authenticate the dialer, then read its frames until the link closes."""
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=None)
+        await ws.prepare(request)
+        challenge = auth.new_challenge()
+        try:
+            await send_frame(ws, {"t": "hello", "node_id": self.node_id, "cluster": self.cluster, "version": VERSION,
+                                  "challenge": challenge, "info": self.info()})
+            frame = await recv_frame(ws, timeout=HANDSHAKE_S)
+            if frame is None:
+                return ws
+            if frame["t"] != "auth" or not auth.check(self.key, challenge, frame["node_id"], frame["response"]):
+                log.warning("refused a peer from %s: bad cluster key", request.remote)
+                await close_with_error(ws, "authentication failed: wrong cluster key", code=4401)
+                return ws
+            info = frame.get("info") or {}
+            peer_id = frame["node_id"]
+            await send_frame(ws, {"t": "welcome", "node_id": self.node_id, "info": self.info(),
+                                  "response": auth.respond(self.key, bytes(frame.get("challenge") or b""), self.node_id),
+                                  "peers": [{"node_id": p.node_id, "addr": p.addr, "port": p.port}
+                                            for p in self.peers.values()]})
+        except (ProtocolError, asyncio.TimeoutError) as e:
+            await close_with_error(ws, f"handshake failed: {e}")
+            return ws
+        addr, port = str(info.get("addr") or request.remote), int(info.get("port") or 0)
+        peer = self._admit(peer_id, addr, port, info)
+        peer.inbound.add(ws)
+        if peer.link is None or peer.link.closed:
+            self.dial_soon(addr, port)
+        await self._read(peer_id, ws)
+        return ws
+
+    def _admit(self, peer_id: str, addr: str, port: int, info: dict) -> Peer:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            peer = self.peers[peer_id] = Peer(peer_id, addr, port, dict(info))
+            log.info("peer %s (%s) joined from %s:%d", peer_id, peer.name, addr, port)
+            self.on_join(peer)
+        else:
+            peer.info.update(info)
+        peer.last_seen = time.monotonic()
+        return peer
+
+    # --- reading and failure detection ---------------------------------------------------------------
+
+    async def _read(self, peer_id: str, ws) -> None:
+        try:
+            while True:
+                frame = await recv_frame(ws)
+                if frame is None:
+                    break
+                peer = self.peers.get(peer_id)
+                if peer is None:
+                    break
+                peer.last_seen = time.monotonic()
+                if frame["t"] == "heartbeat":
+                    peer.info.update(frame.get("info") or {})
+                    continue
+                result = self.on_frame(peer_id, frame)
+                if asyncio.iscoroutine(result):
+                    await result
+        except ProtocolError as e:
+            log.warning("malformed frame from %s: %s; closing that link", peer_id, e)
+            await close_with_error(ws, str(e))
+        except (ConnectionError, asyncio.CancelledError, aiohttp.ClientError):
+            pass
+        finally:
+            peer = self.peers.get(peer_id)
+            if peer is not None:
+                peer.inbound.discard(ws)
+                if ws is peer.link or not peer.inbound:
+                    self.drop(peer_id, "link closed")
+
+    def drop(self, node_id: str, why: str) -> None:
+        peer = self.peers.pop(node_id, None)
+        if peer is None:
+            return
+        log.warning("peer %s (%s) is gone: %s", node_id, peer.name, why)
+        for ws in [peer.link, *peer.inbound]:
+            if ws is not None and not ws.closed:
+                self._spawn(ws.close())
+        self.on_leave(peer, why)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self._seq += 1
+            frame = {"t": "heartbeat", "node_id": self.node_id, "seq": self._seq, "info": self.info()}
+            await self.broadcast(frame)
+            for addr, port in self._static:
+                self.dial_soon(addr, port)
+            now = time.monotonic()
+            for peer in list(self.peers.values()):
+                if now - peer.last_seen > DEAD_AFTER_S:
+                    self.drop(peer.node_id, f"no heartbeat for {now - peer.last_seen:.1f} s")
+            await asyncio.sleep(HEARTBEAT_S)

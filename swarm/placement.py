@@ -1,0 +1,254 @@
+"""Placement: which node holds which layers. Pure functions of (model cost, node offers, topology).
+
+A plan is a pipeline of stages, each one node holding a contiguous layer range [start, end); the
+first stage also holds the embedding, the last the final norm and lm_head. Strategies:
+
+- fastest (default): fewest nodes, fastest first. A pipeline at batch 1 pays per layer and per hop,
+  so the plan uses as few nodes as can hold the model, picks the fastest such set, and fills its
+  nodes in speed order, each with as many layers as fit its budget. A model that fits on one node
+  is not split.
+- proportional: exo's memory-weighted split over every node, checked against budgets.
+- topology: a person's topology YAML, validated (see topology/).
+
+Ties are broken by node id, so the same input always gives the same plan.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from itertools import accumulate
+from typing import Iterable, Mapping
+
+from topology import Topology, TopologyError, format_size, validate
+
+__all__ = [
+    "NodeOffer", "ModelCost", "Stage", "Plan", "PlacementError", "kv_bytes_per_layer",
+    "plan_fastest", "plan_proportional", "plan_from_topology", "make_plan", "STRATEGIES",
+]
+
+# Above this many nodes the exact fewest-nodes search (2**n subsets) gives way to a plain fill in
+# speed order, which is still valid but may use a node more than needed.
+EXACT_SEARCH_MAX_NODES = 14
+
+
+@dataclass(frozen=True)
+class NodeOffer:
+    node_id: str
+    name: str
+    budget_bytes: int
+    speed: float  # measured GB/s, higher is faster
+
+
+def kv_bytes_per_layer(num_kv_heads: int, head_dim: int, max_context: int, dtype_bytes: int) -> int:
+    """Bytes of one layer's K and V caches at max_context tokens."""
+    return 2 * num_kv_heads * head_dim * max_context * dtype_bytes
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int  # final norm + lm_head (or the embedding again when tied): the caller decides
+    kv_bytes_per_layer: int
+
+    def __post_init__(self):
+        if not self.layer_bytes or min(*self.layer_bytes, self.embed_bytes, self.head_bytes, self.kv_bytes_per_layer) < 0:
+            raise ValueError("a model has at least one layer and no negative sizes")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    def stage_bytes(self, start: int, end: int, first: bool, last: bool) -> int:
+        return (sum(self.layer_bytes[start:end]) + (end - start) * self.kv_bytes_per_layer
+                + self.embed_bytes * first + self.head_bytes * last)
+
+    def total_bytes(self) -> int:
+        return self.stage_bytes(0, self.num_layers, True, True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    node_id: str
+    start: int
+    end: int
+    first: bool
+    last: bool
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]  # in pipeline order
+    strategy: str
+
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(s.node_id for s in self.stages)
+
+    def stage_of(self, node_id: str) -> Stage | None:
+        return next((s for s in self.stages if s.node_id == node_id), None)
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "stages": [asdict(s) for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        """The inverse of to_dict, for plans received from peers. Raises ValueError on a malformed plan."""
+        try:
+            stages = tuple(Stage(str(s["node_id"]), int(s["start"]), int(s["end"]), bool(s["first"]),
+                                 bool(s["last"]), int(s["bytes"])) for s in d["stages"])
+            plan = cls(stages, str(d["strategy"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed plan: {e!r}") from None
+        ends = [0] + [s.end for s in stages]
+        if not stages or any(s.start != e or s.end <= s.start for s, e in zip(stages, ends)) \
+                or len(set(plan.node_ids())) != len(stages) \
+                or any(s.first != (i == 0) or s.last != (i == len(stages) - 1) for i, s in enumerate(stages)):
+            raise ValueError("malformed plan: stages must be contiguous from layer 0, one per node, flags right")
+        return plan
+
+
+class PlacementError(ValueError):
+    """The model does not fit: says what it needs and what the swarm offers."""
+
+    def __init__(self, cost: ModelCost, nodes: Iterable[NodeOffer], why: str = "the model does not fit"):
+        nodes = list(nodes)
+        self.needed = cost.total_bytes()
+        self.offered = {n.node_id: n.budget_bytes for n in nodes}
+        layers = sum(cost.layer_bytes)
+        kv = cost.kv_bytes_per_layer * cost.num_layers
+        offers = ", ".join(f"{n.name} ({n.node_id}) {format_size(n.budget_bytes)}" for n in nodes) or "no nodes"
+        super().__init__(
+            f"{why}: the model needs {format_size(self.needed)} ({self.needed} bytes: {cost.num_layers} layers "
+            f"{format_size(layers)} + KV cache {format_size(kv)} + embedding {format_size(cost.embed_bytes)} "
+            f"+ head {format_size(cost.head_bytes)}); the swarm offers {format_size(sum(self.offered.values()))} "
+            f"in all: {offers}")
+
+
+def _check_nodes(nodes: Iterable[NodeOffer]) -> list[NodeOffer]:
+    nodes = list(nodes)
+    ids = [n.node_id for n in nodes]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate node ids in {sorted(ids)}")
+    return nodes
+
+
+class _Filler:
+    """How far a node can take the pipeline from a given layer, in O(log n) with prefix sums."""
+
+    def __init__(self, cost: ModelCost):
+        self.cost = cost
+        self.n = cost.num_layers
+        self.prefix = list(accumulate((b + cost.kv_bytes_per_layer for b in cost.layer_bytes), initial=0))
+
+    def reach(self, budget: int, start: int) -> int:
+        """The largest end such that [start, end) fits budget; start when not even one layer fits."""
+        limit = budget + self.prefix[start] - (self.cost.embed_bytes if start == 0 else 0)
+        if self.prefix[self.n] + self.cost.head_bytes <= limit:
+            return self.n
+        # Ends short of the last layer carry no head, and their cost grows with end.
+        return max(start, min(bisect_right(self.prefix, limit) - 1, self.n - 1))
+
+    def stages(self, order: Iterable[NodeOffer]) -> list[Stage]:
+        """Fill nodes in this order, each as far as it reaches; nodes that take nothing get no stage."""
+        out, start = [], 0
+        for node in order:
+            if start == self.n:
+                break
+            end = self.reach(node.budget_bytes, start)
+            if end > start:
+                out.append(Stage(node.node_id, start, end, start == 0, end == self.n,
+                                 self.cost.stage_bytes(start, end, start == 0, end == self.n)))
+                start = end
+        return out if start == self.n else []
+
+
+def _by_speed(nodes: Iterable[NodeOffer]) -> list[NodeOffer]:
+    return sorted(nodes, key=lambda n: (-n.speed, n.node_id))
+
+
+def plan_fastest(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
+    """Fewest nodes; among those, the fastest set (compared fastest node first); filled in speed order."""
+    ranked = _by_speed(_check_nodes(nodes))
+    fill = _Filler(cost)
+    if len(ranked) > EXACT_SEARCH_MAX_NODES:
+        stages = fill.stages(ranked)
+        if not stages:
+            raise PlacementError(cost, ranked)
+        return Plan(tuple(stages), "fastest")
+
+    # reach[mask]: the farthest layer that the nodes in mask (indices into ranked) take the pipeline
+    # to, every one of them used; going farther is never worse, so that is all a prefix needs to
+    # keep. order[mask] is an order that gets there (the earliest in speed rank on ties).
+    reach: dict[int, int] = {0: 0}
+    order: dict[int, tuple[int, ...]] = {0: ()}
+    for mask in range(1, 1 << len(ranked)):
+        best = None
+        for i in range(len(ranked)):
+            prev = mask & ~(1 << i)
+            if prev == mask or prev not in reach or reach[prev] == cost.num_layers:
+                continue
+            end = fill.reach(ranked[i].budget_bytes, reach[prev])
+            if end > reach[prev]:
+                cand = (end, order[prev] + (i,))
+                if best is None or cand[0] > best[0] or (cand[0] == best[0] and cand[1] < best[1]):
+                    best = cand
+        if best:
+            reach[mask], order[mask] = best
+
+    full = [m for m, r in reach.items() if r == cost.num_layers]
+    if not full:
+        enough = sum(n.budget_bytes for n in ranked) >= cost.total_bytes()
+        raise PlacementError(cost, ranked, "no split fits (each stage must fit one node's budget)" if enough
+                             else "the model does not fit")
+    # Fewest nodes, then the set whose fastest members are fastest.
+    mask = min(full, key=lambda m: (bin(m).count("1"), [i for i in range(len(ranked)) if m >> i & 1]))
+    chosen = [ranked[i] for i in range(len(ranked)) if mask >> i & 1]
+    stages = fill.stages(chosen)  # speed order when it works
+    if len(stages) != len(chosen):
+        stages = fill.stages(ranked[i] for i in order[mask])
+    return Plan(tuple(stages), "fastest")
+
+
+def plan_proportional(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
+    """Layers split over all nodes in proportion to their budgets (as exo does), largest budget first."""
+    ordered = sorted(_check_nodes(nodes), key=lambda n: (-n.budget_bytes, n.node_id))
+    total = sum(n.budget_bytes for n in ordered)
+    if total <= 0:
+        raise PlacementError(cost, ordered, "no node offers any memory")
+    n, stages, start, cum = cost.num_layers, [], 0, 0
+    for node in ordered:
+        cum += node.budget_bytes
+        end = (2 * n * cum + total) // (2 * total)  # cumulative rounding: boundaries sum to n exactly
+        if end > start:
+            b = cost.stage_bytes(start, end, start == 0, end == n)
+            if b > node.budget_bytes:
+                raise PlacementError(cost, ordered, f"the proportional split gives {node.name} ({node.node_id}) "
+                                                    f"{format_size(b)}, more than its budget")
+            stages.append(Stage(node.node_id, start, end, start == 0, end == n, b))
+            start = end
+    return Plan(tuple(stages), "proportional")
+
+
+def plan_from_topology(topo: Topology, cost: ModelCost, nodes_by_name: Mapping[str, NodeOffer]) -> Plan:
+    """The plan a topology pins, after validation. Raises TopologyError naming each problem's line."""
+    issues = validate(topo, cost.num_layers, known_nodes=set(nodes_by_name),
+                      budgets={k: v.budget_bytes for k, v in nodes_by_name.items()},
+                      layer_cost=lambda _name, s, e, first, last: cost.stage_bytes(s, e, first, last))
+    if issues:
+        raise TopologyError(issues, topo.source)
+    n, stages = cost.num_layers, []
+    for name, s, e in topo.placement():
+        if stages and stages[-1].node_id == nodes_by_name[name].node_id:  # adjoining entries of one node
+            s = stages.pop().start
+        stages.append(Stage(nodes_by_name[name].node_id, s, e, s == 0, e == n, cost.stage_bytes(s, e, s == 0, e == n)))
+    return Plan(tuple(stages), "topology")
+
+
+STRATEGIES = {"fastest": plan_fastest, "proportional": plan_proportional}
+
+
+def make_plan(cost: ModelCost, nodes: Iterable[NodeOffer], strategy: str = "fastest") -> Plan:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    return STRATEGIES[strategy](cost, nodes)
