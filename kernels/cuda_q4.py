@@ -4,9 +4,9 @@ They read MLX's affine layout once: `weight` uint32 [out, in/8] (eight 4-bit val
 first), `scales`/`biases` [out, in/group_size], w = scale * q + bias. Each thread streams 16-byte chunks
 (32 weights, always inside one group) of R rows with non-caching loads, multiplies them by activations
 held in float32, and the partial sums of a row are reduced over a warp and, where several warps share
-rows (SPLIT), through shared memory. Per chunk the sum is scale * sum(x*q) + bias * sum(x): q is made
-a float without a shift or an int->float conversion by OR-ing the masked nibble into the mantissa of
-2^23 (the nibble at bit 4j then reads as q * 16^j, so x is pre-scaled by 16^-j, exactly).
+rows (SPLIT), through shared memory. Per chunk the sum is scale * sum(x*q) + bias * sum(x): q becomes
+a float without an int->float conversion by OR-ing the masked nibble into the mantissa of 2^23 (the
+nibble at bit 4j then reads as q * 16^j, so x is pre-scaled by 16^-j, exactly).
 
 `enabled()` is True only on the CUDA backend and after a one-time self-check against mx.quantized_matmul
 passed; elsewhere (CPU, Metal) nothing here compiles and the callers keep MLX's kernels. Each public
@@ -43,15 +43,17 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Nibble j of a word, as bits: j < 6 in place (value q * 16^j), j >= 6 from the top byte (q * 16^(j-6)).
+// Nibble j of a word as a float: j < 5 in place, value q * 16^j (bits 0..19 of the 23-bit mantissa),
+// j >= 5 from hi = w >> 20, value q * 16^(j-5).
 __device__ __forceinline__ float nibble(uint32_t w, uint32_t hi, int j) {
-  const uint32_t bits = j < 6 ? (w & (0xFu << (4 * j))) : (hi & (0xFu << (4 * (j - 6))));
-  return __uint_as_float(bits | 0x4B000000u) - 8388608.0f;  // 2^23 + v - 2^23 == v exactly
+  const uint32_t bits = j < 5 ? (w & (0xFu << (4 * j))) : (hi & (0xFu << (4 * (j - 5))));
+  return __uint_as_float(bits | 0x4B000000u) - 8388608.0f;  // (2^23 + v) - 2^23 == v exactly
 }
 
+// 16^-(position of nibble j): multiplying x by it (exact) undoes the scale nibble() leaves.
 __device__ __forceinline__ constexpr float nibble_scale(int j) {
-  return j == 0 || j == 6 ? 1.0f : j == 1 || j == 7 ? 0.0625f : j == 2 ? 0.00390625f
-       : j == 3 ? 0.000244140625f : j == 4 ? 1.52587890625e-05f : 9.5367431640625e-07f;
+  return j == 0 || j == 5 ? 1.0f : j == 1 || j == 6 ? 0.0625f : j == 2 || j == 7 ? 0.00390625f
+       : j == 3 ? 0.000244140625f : 1.52587890625e-05f;
 }
 
 // RR weight rows (pointers to row starts), M activation rows of K values: acc[r][m] += row_r . x_m
@@ -93,7 +95,7 @@ __device__ __forceinline__ void rows_dot(const T* x, int K, const uint32_t* cons
       }
 #pragma unroll
       for (int r = 0; r < RR; ++r) {
-        const uint32_t w = word(q[r], i), hi = w >> 24;
+        const uint32_t w = word(q[r], i), hi = w >> 20;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float v = nibble(w, hi, j);

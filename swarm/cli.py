@@ -17,9 +17,11 @@ def _cmd_generate(args) -> int:
     from swarm.model.tokenizer import Tokenizer
 
     folder = resolve_model(args.model)
-    tokenizer = Tokenizer.load(folder)
+    tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").exists() else None
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    elif tokenizer is None:
+        raise ValueError(f"{folder} has no tokenizer.json: give the prompt as --prompt-ids")
     elif args.raw or not tokenizer.has_chat_template:
         prompt = tokenizer.encode(args.prompt)
     else:

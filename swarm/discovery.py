@@ -87,8 +87,8 @@ class Discovery:
                  on_peer_added: Callable[[PeerAd], Any], on_peer_removed: Callable[[str], Any]):
         self.node_info = dict(node_info)
         self.node_id = str(self.node_info["id"])
-        if not 0 < len(self.node_id.encode()) <= 63 or "." in self.node_id:
-            raise ValueError(f"node id must be 1-63 bytes without dots: {self.node_id!r}")
+        if not 0 < len(self.node_id.encode()) <= 58 or "." in self.node_id:  # "cake-" + id is a DNS label
+            raise ValueError(f"node id must be 1-58 bytes without dots: {self.node_id!r}")
         self.host, self.port = host, port
         ipaddress.IPv4Address(host)  # ValueError for anything but an IPv4 literal
         self.on_peer_added, self.on_peer_removed = on_peer_added, on_peer_removed
@@ -121,8 +121,12 @@ class Discovery:
     async def start(self) -> None:
         interfaces = InterfaceChoice.All if self.host == "0.0.0.0" else [self.host]
         self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        self._info = self._service_info()
-        await self._zc.async_register_service(self._info)
+        try:
+            self._info = self._service_info()
+            await self._zc.async_register_service(self._info)
+        except BaseException:
+            await self.stop()
+            raise
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
         log.info("advertising %s on %s:%d (cluster %s)", self.node_id, self.host, self.port,
                  self.node_info.get("cluster"))

@@ -52,7 +52,8 @@ class ModelCost:
     kv_bytes_per_layer: int
 
     def __post_init__(self):
-        if not self.layer_bytes or min(*self.layer_bytes, self.embed_bytes, self.head_bytes, self.kv_bytes_per_layer) < 0:
+        sizes = (*self.layer_bytes, self.embed_bytes, self.head_bytes, self.kv_bytes_per_layer)
+        if not self.layer_bytes or min(sizes) < 0:
             raise ValueError("a model has at least one layer and no negative sizes")
 
     @property
@@ -190,11 +191,10 @@ def plan_fastest(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
                 continue
             end = fill.reach(ranked[i].budget_bytes, reach[prev])
             if end > reach[prev]:
-                cand = (end, order[prev] + (i,))
-                if best is None or cand[0] > best[0] or (cand[0] == best[0] and cand[1] < best[1]):
-                    best = cand
+                cand = (-end, order[prev] + (i,))  # farthest, then earliest in speed rank
+                best = cand if best is None else min(best, cand)
         if best:
-            reach[mask], order[mask] = best
+            reach[mask], order[mask] = -best[0], best[1]
 
     full = [m for m, r in reach.items() if r == cost.num_layers]
     if not full:

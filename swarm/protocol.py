@@ -47,20 +47,20 @@ KINDS = {
 
 # type -> (required fields, optional fields). Unknown extra fields are allowed and ignored.
 # Handshake, dialer A and listener B (swarm/auth.py makes and checks the challenges):
-#   A->B hello(challenge cA); B->A hello(challenge cB); A->B auth(respond(key, cB, A));
-#   B->A auth(respond(key, cA, B)); B->A welcome. Each side refuses a peer whose cluster differs,
-#   whose node_id is its own, or whose auth.node_id differs from its hello.node_id.
+#   B->A hello(challenge cB); A->B auth(response to cB, challenge cA); B->A welcome(response to cA).
+#   A refuses a B of another cluster or with its own node_id; B answers cA only once A has answered cB.
 SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "hello": ({"node_id": "str", "cluster": "str", "version": "str", "challenge": "bytes"},
               {"name": "str", "info": "map"}),
-    "auth": ({"node_id": "str", "response": "bytes"}, {}),
-    "welcome": ({"node_id": "str"}, {"peers": "maps", "info": "map", "epoch": "uint"}),
+    "auth": ({"node_id": "str", "response": "bytes"}, {"challenge": "bytes", "info": "map"}),
+    "welcome": ({"node_id": "str"}, {"response": "bytes", "peers": "maps", "info": "map", "epoch": "uint"}),
     "heartbeat": ({"node_id": "str", "seq": "uint"}, {"epoch": "uint", "info": "map"}),
     "peers": ({"peers": "maps"}, {}),
     "plan": ({"epoch": "uint", "plan": "map"}, {}),
     "plan_ack": ({"epoch": "uint", "node_id": "str"}, {"ok": "bool", "error": "str"}),
     "forward": ({"session": "str", "epoch": "uint", "pos": "uint"},
-                {"hidden": "tensor", "tokens": "uints", "origin": "str", "sampling": "map", "step": "uint"}),
+                {"hidden": "tensor", "tokens": "uints", "origin": "str", "sampling": "map", "step": "uint",
+                 "more": "bool"}),
     "token": ({"session": "str", "epoch": "uint", "pos": "uint", "token": "uint"},
               {"done": "bool", "step": "uint", "origin": "str"}),
     "end": ({"session": "str"}, {"reason": "str"}),

@@ -40,6 +40,7 @@ Progress = Callable[[int, int, float], None]   # (bytes_done, bytes_total, rate_
 WRITE_BYTES = 4 << 20
 MAX_SIDE_FILE_BYTES = 64 << 20
 ATTEMPTS = 5
+SIDE_FILES_HEADER = "X-Cake-Side-Files"   # on a shard response: which side files the source has
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -70,10 +71,11 @@ def _refuse(request: web.Request, exc: type[web.HTTPException], reason: str, **k
     return exc(text=reason + "\n", **kw)
 
 
-async def send_file(request: web.Request, path: Path, sha256: str, size: int) -> web.StreamResponse:
+async def send_file(request: web.Request, path: Path, sha256: str, size: int,
+                    extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Serve a file whose sha256 is known: ETag, one byte range, If-Range; the body through sendfile."""
     etag = f'"{sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **(extra_headers or {})}
     wanted = request.headers.get("Range")
     if wanted is not None and request.headers.get("If-Range", etag) != etag:
         wanted = None   # the receiver's partial copy is of another file: send all of this one
@@ -152,7 +154,8 @@ class ShardServer:
             except (ShardError, OSError) as e:
                 log.error("cannot build shard %s of %s: %s", stage_name(start, end, first, last), profile.model_dir, e)
                 raise web.HTTPInternalServerError(text="cannot build the shard\n") from None
-        return await send_file(request, folder / SHARD_FILE, manifest["sha256"], manifest["size"])
+        return await send_file(request, folder / SHARD_FILE, manifest["sha256"], manifest["size"],
+                               {SIDE_FILES_HEADER: ",".join(profile.side_files)})
 
     async def side_file(self, request: web.Request) -> web.StreamResponse:
         profile = self._admit(request)
@@ -206,8 +209,9 @@ class _Cut(Exception):
     """The transfer stopped after some bytes arrived: worth resuming."""
 
 
-async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeout, progress, started) -> tuple[str, int] | None:
-    """One GET of the shard into part; (sha256, size) when it is complete, None to try again from scratch."""
+async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeout, progress,
+                started) -> tuple[str, int, list[str]] | None:
+    """One GET of the shard into part; (sha256, size, side files) when complete, None to try again from scratch."""
     have = part.stat().st_size if part.exists() else 0
     etag = etag_file.read_text() if have and etag_file.exists() else None
     headers = sign_request(key, "GET", url_path)
@@ -217,7 +221,7 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
         if response.status == 416 and etag:
             m = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
             if m and int(m.group(1)) == have:   # cut after the last byte, before the check
-                return (await asyncio.to_thread(_hash_prefix, part, have)).hexdigest(), have
+                return (await asyncio.to_thread(_hash_prefix, part, have)).hexdigest(), have, list(SIDE_FILES)
             part.unlink(missing_ok=True)
             return None
         if response.status not in (200, 206):
@@ -239,6 +243,7 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
             total, mode, have, h = response.content_length, "wb", 0, hashlib.sha256()
             etag_file.write_text(new_etag)
         got_before = have
+        side_files = [n for n in response.headers.get(SIDE_FILES_HEADER, ",".join(SIDE_FILES)).split(",") if n]
         last_report = 0.0
         cut = None
         with open(part, mode) as f:
@@ -271,7 +276,7 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
         part.unlink(missing_ok=True)
         etag_file.unlink(missing_ok=True)
         raise ShardError(f"{url}: corrupt transfer: sha256 {h.hexdigest()}, the source says {new_etag}; nothing cached")
-    return h.hexdigest(), have
+    return h.hexdigest(), have, side_files
 
 
 async def _fetch_side_file(session, base_url, url_path, dest: Path, key, timeout) -> bool:
@@ -313,7 +318,7 @@ async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
     started = time.monotonic()
     result = None
-    for attempt in range(ATTEMPTS):
+    for _ in range(ATTEMPTS):
         try:
             result = await _pull(session, base_url + url_path, url_path, part, etag_file, key, timeout, progress, started)
         except _Cut as e:
@@ -327,10 +332,10 @@ async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash:
     if result is None:
         raise ShardError(f"shard {stage} from {base_url}: still incomplete after {ATTEMPTS} attempts; "
                          f"the next fetch resumes it")
-    sha, size = result
+    sha, size, side_files = result
 
     try:
-        for name in SIDE_FILES:
+        for name in ["config.json"] + [n for n in side_files if n in SIDE_FILES and n != "config.json"]:
             if not await _fetch_side_file(session, base_url, f"/shards/{model_hash}/files/{name}", staging / name,
                                           key, timeout) and name == "config.json":
                 raise ShardError(f"{base_url}: the source has no config.json for model {model_hash}")

@@ -92,65 +92,59 @@ async def test_signed_request_through_a_real_aiohttp_server():
         await runner.cleanup()
 
 
-async def _hello(ws, node_id, key, cluster=None):
-    challenge = auth.new_challenge()
-    await P.send_frame(ws, {"t": "hello", "node_id": node_id, "cluster": cluster or auth.cluster_id(key),
-                            "version": "0.1", "challenge": challenge})
-    return challenge
-
-
 async def test_mutual_challenge_response_over_a_real_websocket():
-    """The handshake of swarm/protocol.py's comment: only a dialer holding the key is welcomed, and the
-    dialer learns whether the listener holds it too."""
+    """The handshake of swarm/protocol.py's comment: only a dialer holding the key is welcomed, and a
+    dialer tells a listener holding the key from one that only claims its cluster id."""
     admitted = []
 
-    async def listener(request):
-        ws = web.WebSocketResponse(max_msg_size=P.MAX_FRAME_BYTES)
-        await ws.prepare(request)
-        try:
-            hello = await P.recv_frame(ws)
-            if hello["t"] != "hello" or hello["cluster"] != auth.cluster_id(KEY) or hello["node_id"] == "B":
-                raise P.ProtocolError("not a member of this cluster")
-            mine = await _hello(ws, "B", KEY)
-            answer = await P.recv_frame(ws)
-            if (answer["t"] != "auth" or answer["node_id"] != hello["node_id"]
-                    or not auth.check(KEY, mine, hello["node_id"], answer["response"])):
-                raise P.ProtocolError("authentication failed")
-            await P.send_frame(ws, {"t": "auth", "node_id": "B",
-                                    "response": auth.respond(KEY, hello["challenge"], "B")})
-            await P.send_frame(ws, {"t": "welcome", "node_id": "B"})
-            admitted.append(hello["node_id"])
-        except P.ProtocolError as e:
-            await P.close_with_error(ws, str(e), code=aiohttp.WSCloseCode.POLICY_VIOLATION)
-        return ws
+    def listener(key, checks=True):
+        async def handler(request):
+            ws = web.WebSocketResponse(max_msg_size=P.MAX_FRAME_BYTES)
+            await ws.prepare(request)
+            mine = auth.new_challenge()
+            await P.send_frame(ws, {"t": "hello", "node_id": "B", "cluster": auth.cluster_id(KEY),
+                                    "version": "0.1", "challenge": mine})
+            try:
+                frame = await P.recv_frame(ws)
+                if (frame is None or frame["t"] != "auth" or frame["node_id"] == "B"
+                        or checks and not auth.check(key, mine, frame["node_id"], frame["response"])):
+                    raise P.ProtocolError("authentication failed")
+                await P.send_frame(ws, {"t": "welcome", "node_id": "B",
+                                        "response": auth.respond(key, frame["challenge"], "B")})
+                admitted.append(frame["node_id"])
+            except P.ProtocolError as e:
+                await P.close_with_error(ws, str(e), code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+            await ws.close()
+            return ws
+        return handler
 
-    async def dial(session, url, node_id, key, cluster=None):
-        ws = await session.ws_connect(url)
-        mine = await _hello(ws, node_id, key, cluster)
-        theirs = await P.recv_frame(ws)
-        if theirs["t"] != "hello":
-            return theirs["t"]
-        await P.send_frame(ws, {"t": "auth", "node_id": node_id,
-                                "response": auth.respond(key, theirs["challenge"], node_id)})
-        answer = await P.recv_frame(ws)
-        if answer is None or answer["t"] != "auth":
-            return "refused" if answer is None or answer["t"] == "error" else answer["t"]
-        assert auth.check(KEY, mine, theirs["node_id"], answer["response"])
-        return (await P.recv_frame(ws))["t"]
+    async def dial(session, url, node_id, key, check_cluster=True):
+        async with session.ws_connect(url) as ws:
+            hello = await P.recv_frame(ws)
+            if check_cluster and hello["cluster"] != auth.cluster_id(key):
+                return "other cluster"
+            mine = auth.new_challenge()
+            await P.send_frame(ws, {"t": "auth", "node_id": node_id, "challenge": mine,
+                                    "response": auth.respond(key, hello["challenge"], node_id)})
+            answer = await P.recv_frame(ws)
+            if answer is None or answer["t"] != "welcome":
+                return "refused"
+            return "welcome" if auth.check(key, mine, hello["node_id"], answer["response"]) else "impostor"
 
     app = web.Application()
-    app.router.add_get("/peer", listener)
+    app.router.add_get("/peer", listener(KEY))
+    app.router.add_get("/fake", listener("not the key", checks=False))  # claims KEY's cluster, lacks the key
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/peer"
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         async with aiohttp.ClientSession() as s:
-            assert await dial(s, url, "A", KEY) == "welcome"
-            assert await dial(s, url, "M", "wrong key") == "error"                         # other cluster id
-            # claims our cluster id without the key
-            assert await dial(s, url, "M", "wrong key", cluster=auth.cluster_id(KEY)) == "refused"
-            assert await dial(s, url, "B", KEY) == "error"                                 # claims our id
-        assert admitted == ["A"]
+            assert await dial(s, base + "/peer", "A", KEY) == "welcome"
+            assert await dial(s, base + "/peer", "M", "wrong key") == "other cluster"
+            assert await dial(s, base + "/peer", "M", "wrong key", check_cluster=False) == "refused"
+            assert await dial(s, base + "/peer", "B", KEY) == "refused"          # claims the listener's id
+            assert await dial(s, base + "/fake", "A", KEY) == "impostor"
+        assert admitted == ["A", "A"]  # the real listener once, the impostor once
     finally:
         await runner.cleanup()

@@ -197,9 +197,10 @@ def test_parse_ad():
 
 
 def test_constructor_refuses_bad_ids_and_hosts():
+    assert Discovery({"id": "x" * 58}, "127.0.0.1", 1, print, print).service_name.startswith("x" * 58 + ".")
     with pytest.raises(ValueError):
         Discovery({"id": "a.b"}, "127.0.0.1", 1, print, print)
     with pytest.raises(ValueError):
-        Discovery({"id": "x" * 64}, "127.0.0.1", 1, print, print)
+        Discovery({"id": "x" * 59}, "127.0.0.1", 1, print, print)
     with pytest.raises(ValueError):
         Discovery({"id": "a"}, "localhost", 1, print, print)

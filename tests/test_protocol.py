@@ -15,13 +15,14 @@ from swarm.protocol import ProtocolError, decode_frame, encode_frame
 SMALL = {"session": "s1", "epoch": 3, "pos": 7}
 VALID = [
     {"t": "hello", "node_id": "a", "cluster": "open", "version": "0.1", "challenge": bytes(32), "name": "mac"},
-    {"t": "auth", "node_id": "a", "response": b"\x01" * 32},
-    {"t": "welcome", "node_id": "b", "peers": [{"node_id": "c", "addr": "10.0.0.3", "port": 10128}]},
+    {"t": "auth", "node_id": "a", "response": b"\x01" * 32, "challenge": b"\x02" * 32, "info": {"port": 1}},
+    {"t": "welcome", "node_id": "b", "response": b"\x03" * 32,
+     "peers": [{"node_id": "c", "addr": "10.0.0.3", "port": 10128}]},
     {"t": "heartbeat", "node_id": "a", "seq": 12, "epoch": 2, "info": {"load": 0.5}},
     {"t": "peers", "peers": []},
     {"t": "plan", "epoch": 2, "plan": {"stages": [{"node": "a", "layers": [0, 12]}]}},
     {"t": "plan_ack", "epoch": 2, "node_id": "a", "ok": False, "error": "out of memory"},
-    {"t": "forward", **SMALL, "tokens": [1, 2, 3], "sampling": {"temperature": 0.0}, "origin": "a"},
+    {"t": "forward", **SMALL, "tokens": [1, 2, 3], "sampling": {"temperature": 0.0}, "origin": "a", "more": True},
     {"t": "forward", **SMALL, "hidden": {"dtype": "float16", "shape": [1, 2], "data": b"\0" * 4}},
     {"t": "token", **SMALL, "token": 42, "done": True},
     {"t": "end", "session": "s1", "reason": "stop"},
@@ -47,6 +48,8 @@ def test_every_type_has_a_valid_example():
     (cbor2.dumps({"t": "token", "session": "s", "epoch": 1, "pos": -1, "token": 1}), "field 'pos'"),
     (cbor2.dumps({"t": "token", "session": "s", "epoch": True, "pos": 1, "token": 1}), "field 'epoch'"),
     (cbor2.dumps({"t": "forward", **SMALL}), "exactly one of"),
+    # a huge int where bytes belong must not reach bytes(...) in a handshake
+    (cbor2.dumps({"t": "welcome", "node_id": "b", "response": 2**62}), "field 'response' must be bytes"),
     (cbor2.dumps({"t": "forward", **SMALL, "tokens": [1],
                   "hidden": {"dtype": "float32", "shape": [1], "data": b"1234"}}), "exactly one of"),
     (cbor2.dumps({"t": "forward", **SMALL, "hidden": {"dtype": "float32", "shape": [2], "data": b"1234"}}),

@@ -145,6 +145,7 @@ async def test_serves_ranges_with_sha256_etag(source, session, model, tmp_path):
     _, manifest = ensure_shard(p, 0, 3, True, False, tmp_path / "source-cache")
     assert status == 200 and hashlib.sha256(body).hexdigest() == manifest["sha256"]
     assert headers["ETag"] == f'"{manifest["sha256"]}"' and headers["Accept-Ranges"] == "bytes"
+    assert headers["X-Cake-Side-Files"] == "config.json,tokenizer.json,tokenizer_config.json"
     assert body == (shard_dir(tmp_path / "source-cache", p.model_hash, 0, 3, True, False) / SHARD_FILE).read_bytes()
 
     status, headers, part = await get(session, url, path, headers={"Range": "bytes=100-199"})

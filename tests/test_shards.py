@@ -282,3 +282,33 @@ def test_engine_stages_chained_give_the_whole_models_logits_and_tokens(tmp_path)
     logits_whole, tokens_whole = greedy(whole)
     assert np.array_equal(logits_chained, logits_whole)
     assert tokens_chained == tokens_whole
+
+
+LOAD_AND_REPORT = """
+import sys
+from swarm.model.decoder import load_stage
+stage = load_stage(sys.argv[1])
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+def test_a_third_of_a_05b_shaped_model_loads_in_a_third_of_its_weights_plus_200mb(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("make_model", Path(__file__).resolve().parents[1] / "scripts" / "make_model.py")
+    make_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_model)
+    model = make_model.make_model("qwen2.5-0.5b", tmp_path / "m")   # 24 layers, tied, several weight files
+    topo = tmp_path / "thirds.yaml"
+    topo.write_text("".join(f"n{a}:\n  host: 127.0.0.1:{10128 + a}\n  layers: [model.layers.{a}-{a + 7}]\n"
+                            for a in (0, 8, 16)))
+    folders = split_model(model, topo, tmp_path / "out")
+    total = profile_model(model).total_bytes
+    for folder in folders:
+        out = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(folder)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert int(out.stdout.split()[-1]) <= total / 3 + 200_000_000, folder.name
+    shutil.rmtree(tmp_path, ignore_errors=True)

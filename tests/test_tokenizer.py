@@ -249,7 +249,11 @@ def test_transformers_environment_details(tmp_path):
         "{{ m.role }}:{{ m.content }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.tool_calls is defined }}\n"
         "{% if m.role == 'assistant' %}{% generation %}[{{ m.content | tojson }}]{% endgeneration %}{% endif %}"
         "{% endfor %}{{ {'b': [1, 'é'], 'a': '<&>'} | tojson(indent=2, sort_keys=True) }}"
-        "{{ extra_flag }}{% if add_generation_prompt %}>>{% endif %}")
+        "{{ extra_flag }}\n"
+        "  {% if add_generation_prompt %}\n"  # trim_blocks and lstrip_blocks decide the whitespace here
+        "    >>\n"
+        "  {% endif %}\n"
+        "end")
     chat = [{"role": "user", "content": "q", "tool_calls": None},
             {"role": "assistant", "content": "a \"quoted\"", "reasoning": "thought"},
             {"role": "assistant", "content": "b", "thinking": "own", "reasoning_content": "rc"},
@@ -287,21 +291,63 @@ def test_special_tokens_eos_ids_and_vocab(qwen, llama):
     assert ours.has_chat_template
 
 
-@pytest.mark.parametrize("add_bos", [True, False])
-def test_encode_decode_match_transformers_loading_the_same_folder(tmp_path, add_bos):
-    # a SentencePiece-style folder whose tokenizer.json has no post-processor: add_bos_token decides
-    folder = write_folder(tmp_path, byte_fallback_json(), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False},
-        config={"eos_token_id": 2})
-    ours, hf = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
-    for text in MULTI_BYTE + ["Hello world", ""]:
+ENCODE_TEXTS = MULTI_BYTE + ["Hello world . How are you ?", "", "<|eot_id|> inside text <s>"]
+
+
+def check_encode_decode(ours: Tokenizer, hf) -> None:
+    for text in ENCODE_TEXTS:
         assert ours.encode(text) == hf.encode(text)
         assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
         ids = ours.encode(text)
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
         assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
-    assert (ours.encode("Hi")[0] == ours.bos_token_id) == add_bos
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_encode_decode_match_transformers_loading_the_same_folder(tmp_path, add_bos, add_eos):
+    # tokenizer.json's post-processor adds BOS; transformers (5) then ignores add_bos_token, and so do we
+    folder = write_folder(tmp_path, llama_json(), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": True, **LLAMA_SPECIAL_TOKENS})
+    ours, hf = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+    check_encode_decode(ours, hf)
+    ids = ours.encode("Hi")
+    assert ids[0] == ours.bos_token_id and ids[-1] not in ours.eos_token_ids
+
+
+def test_added_and_special_tokens_from_the_config_join_the_vocabulary(tmp_path):
+    tj = byte_fallback_json()
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>", "added_tokens_decoder": {
+                  "400": {"content": "<tool>", "special": True, "lstrip": False, "rstrip": False,
+                          "normalized": False, "single_word": False},
+                  "401": {"content": "<plain>", "special": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "single_word": False}}}
+    folder = write_folder(tmp_path, tj, config)
+    assert Backend.from_str(tj).token_to_id("<tool>") is None
+    ours, hf = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.vocab_size == len(hf) == Backend.from_str(tj).get_vocab_size(with_added_tokens=True) + 3
+    for text in ("call <tool> now<pad>", "keep <plain> this"):
+        ids = ours.encode(text)
+        assert ids == hf.encode(text) and len(ids) < len(ours.encode(text.replace("<", "< ")))
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert "<tool>" not in ours.decode(ours.encode("a <tool> b")) and "<plain>" in ours.decode(ours.encode("<plain>"))
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_without_a_post_processor_add_bos_token_decides(tmp_path, add_bos, add_eos):
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    folder = write_folder(tmp_path, byte_fallback_json(), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
+        **special}, config={"eos_token_id": 2})
+    ours = Tokenizer.load(folder)
+    hf = PreTrainedTokenizerFast(tokenizer_object=Backend.from_str(byte_fallback_json()), add_bos_token=add_bos,
+                                 add_eos_token=add_eos, **special)
+    check_encode_decode(ours, hf)
+    ids = ours.encode("Hi")
+    assert (ids[0] == 1, ids[-1] == 2) == (add_bos, add_eos)
     assert ours.eos_token_ids == {2}
 
 

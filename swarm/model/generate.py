@@ -117,15 +117,16 @@ class TextStream:
         return self.stops.feed(token, piece)
 
 
-def generate_text(stage: Stage, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+def generate_text(stage: Stage, tokenizer: Tokenizer | None, prompt: list[int], params: SamplingParams,
                   max_context: int | None = None, completion: Completion | None = None) -> Iterator[str]:
     """Pieces of text as they complete (never half a character, never part of a stop string).
 
     `completion` (if given) collects the ids, the full text, the finish reason and the timings.
     """
     done = completion if completion is not None else Completion()
-    stream = TextStream(tokenizer, params, len(prompt), max_context or stage.cfg.max_position_embeddings)
-    for token in generate_ids(stage, prompt, params, tokenizer.eos_token_ids, max_context, done.timings):
+    eos = set(tokenizer.eos_token_ids) if tokenizer else set(stage.cfg.eos_token_id)
+    stream = TextStream(tokenizer, params, len(prompt), max_context or stage.cfg.max_position_embeddings, eos)
+    for token in generate_ids(stage, prompt, params, eos, max_context, done.timings):
         done.token_ids.append(token)
         text, reason = stream.feed(token)
         if text:

@@ -1,0 +1,142 @@
+"""Shard benchmarks: build time of a 7B-shaped checkpoint's shards, loopback transfer beside `cp`, serving RSS.
+
+    python scripts/bench_shards.py [--model DIR] [--workdir DIR] [--keep]
+
+Without --model, writes a qwen2.5-7b-shaped random 4-bit checkpoint with scripts/make_model.py into the
+work folder first. Then, in one run:
+  1. profile the checkpoint (headers only) and build the shards of a three-node split (thirds);
+  2. start a serving process (swarm.shardserve on 127.0.0.1, uvloop where installed) and have it build the
+     whole-model shard (one HEAD), then fetch that shard over loopback with fetch_shard (stream, sha256
+     check, rename), and `cp` the same file on the same disk;
+  3. read the serving process's peak RSS (VmHWM) after all of it.
+Prints the figures as a table and as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from swarm.shards import profile_model, shard_dir, write_shard_folder  # noqa: E402
+from swarm.shardserve import fetch_shard  # noqa: E402
+
+SERVE = """
+import asyncio, sys
+from aiohttp import web
+from swarm.shards import profile_model
+from swarm.shardserve import ShardServer, shard_app
+
+async def main():
+    profile = profile_model(sys.argv[1])
+    runner = web.AppRunner(shard_app(ShardServer(sys.argv[2], None, [profile])))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(runner.addresses[0][1], profile.model_hash, flush=True)
+    await asyncio.Event().wait()
+
+try:
+    import uvloop
+    uvloop.run(main())
+except ImportError:
+    asyncio.run(main())
+"""
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_7b(out: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("make_model", ROOT / "scripts" / "make_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_model("qwen2.5-7b", out)
+
+
+async def transfer(url: str, model_hash: str, layers: int, cache: Path) -> float:
+    async with aiohttp.ClientSession() as session:
+        async with session.head(f"{url}/shards/{model_hash}/0-{layers}-f1l1") as r:   # the source builds it
+            r.raise_for_status()
+        t = time.perf_counter()
+        await fetch_shard(session, url, model_hash, 0, layers, True, True, cache)
+        return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="a 7B-shaped checkpoint (default: write one with make_model.py)")
+    ap.add_argument("--workdir", type=Path, help="where to write (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    proc = None
+    try:
+        model = args.model
+        if model is None:
+            t = time.perf_counter()
+            model = make_7b(work / "qwen2.5-7b-shaped")
+            results["make_model_s"] = round(time.perf_counter() - t, 1)
+
+        t = time.perf_counter()
+        profile = profile_model(model)
+        results["profile_s"] = round(time.perf_counter() - t, 3)
+        n = profile.num_layers
+        thirds = [(0, n // 3), (n // 3, 2 * n // 3), (2 * n // 3, n)]
+        t = time.perf_counter()
+        built = sum(write_shard_folder(profile, a, b, a == 0, b == n, work / "split" / f"{a}-{b}")["size"]
+                    for a, b in thirds)
+        results["build_thirds_s"] = round(time.perf_counter() - t, 2)
+        results["build_thirds_bytes"] = built
+        results["build_thirds_GBps"] = round(built / results["build_thirds_s"] / 1e9, 2)
+
+        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(work / "source-cache")],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        port, model_hash = proc.stdout.readline().split()
+        seconds = asyncio.run(transfer(f"http://127.0.0.1:{port}", model_hash, n, work / "node-cache"))
+        served = shard_dir(work / "source-cache", model_hash, 0, n, True, True) / "model.safetensors"
+        size = served.stat().st_size
+        results["shard_bytes"] = size
+        results["fetch_GBps"] = round(size / seconds / 1e9, 2)
+        results["serving_peak_rss_MB"] = round(peak_rss(proc.pid) / 1e6, 1)
+
+        t = time.perf_counter()
+        subprocess.run(["cp", str(served), str(work / "cp-copy")], check=True)
+        results["cp_GBps"] = round(size / (time.perf_counter() - t) / 1e9, 2)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = [("7B-shaped checkpoint, tensor bytes", f"{profile.total_bytes / 1e9:.2f} GB, {n} layers"),
+            ("profile (headers only)", f"{results['profile_s']} s"),
+            ("build the shards of a 3-way split", f"{results['build_thirds_s']} s ({results['build_thirds_GBps']} GB/s)"),
+            ("fetch the whole-model shard over loopback", f"{results['fetch_GBps']} GB/s (stream + sha256 + rename)"),
+            ("cp of the same file", f"{results['cp_GBps']} GB/s"),
+            ("peak RSS of the serving process", f"{results['serving_peak_rss_MB']} MB")]
+    for what, figure in rows:
+        print(f"{what:45s} {figure}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""kernels/cuda_q4.py: host-side checks and the fallback everywhere; the kernels themselves compiled with nvcc
+where it is installed, and run against mx.quantized_matmul where MLX's CUDA back-end is (the GPU machine)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import pytest
+
+from kernels import cuda_q4
+from kernels.linear import Linear, quantized_linear
+
+ON_GPU = cuda_q4.on_cuda()
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs MLX's CUDA back-end")
+
+
+def layer(n, k, gs=64, dtype=mx.float16, seed=0):
+    return cuda_q4.random_q4(n, k, gs, dtype, mx.random.key(seed))
+
+
+def test_disabled_without_cuda_and_nothing_built():
+    if ON_GPU:
+        pytest.skip("this machine has the CUDA back-end")
+    assert cuda_q4.on_cuda() is False
+    assert cuda_q4.enabled() is False
+    assert cuda_q4.check_report() == ""
+    assert cuda_q4._kernels == {}
+
+
+@pytest.mark.parametrize("change", ["float32", "rows", "group", "k", "scale_dtype", "scale_shape", "no_biases",
+                                    "packing", "empty"])
+def test_not_applicable_inputs_give_none(change):
+    w, s, b = layer(64, 256)
+    x = mx.ones((2, 256), mx.float16)
+    gs = 64
+    if change == "float32":
+        x = x.astype(mx.float32)
+    elif change == "rows":
+        x = mx.ones((3, 3, 256), mx.float16)          # 9 rows > MAX_ROWS
+    elif change == "group":
+        gs = 16
+    elif change == "k":
+        x = mx.ones((1, 512), mx.float16)
+    elif change == "scale_dtype":
+        s = s.astype(mx.bfloat16)
+    elif change == "scale_shape":
+        s = s[:, :2]
+    elif change == "no_biases":
+        b = None
+    elif change == "packing":
+        w = w.astype(mx.int32)
+    elif change == "empty":
+        x = mx.ones((0, 256), mx.float16)
+    assert cuda_q4.q4_matvec(x, w, s, b, gs) is None
+    assert cuda_q4.swiglu(x, w, s, b, w, s, b, gs) is None
+    assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), gs) is None
+
+
+def test_fused_helpers_decline_layers_they_cannot_take():
+    w, s, b = layer(64, 256)
+    x = mx.ones((1, 256), mx.float16)
+    q4 = Linear(w, scales=s, biases=b, group_size=64, bits=4)
+    w8, s8, b8 = mx.quantize(mx.ones((64, 256)), group_size=64, bits=8)
+    q8 = Linear(w8, scales=s8.astype(mx.float16), biases=b8.astype(mx.float16), group_size=64, bits=8)
+    dense = Linear(mx.ones((64, 256), mx.float16))
+    with_bias = Linear(w, mx.zeros((64,), mx.float16), scales=s, biases=b, group_size=64, bits=4)
+    w32, s32, b32 = layer(64, 256, gs=32)
+    other_group = Linear(w32, scales=s32, biases=b32, group_size=32, bits=4)
+    assert cuda_q4.fused_swiglu(x, q4, q8) is None
+    assert cuda_q4.fused_swiglu(x, dense, q4) is None
+    assert cuda_q4.fused_swiglu(x, q4, with_bias) is None
+    assert cuda_q4.fused_swiglu(x, q4, other_group) is None
+    assert cuda_q4.fused_qkv(x, q4, q4, other_group) is None
+    assert cuda_q4.fused_qkv(x, with_bias, q4, q4) is None    # bias on some of q/k/v only
+    assert cuda_q4.fused_qkv(mx.ones((1, 256), mx.float32), q4, q4, q4) is None
+
+
+@pytest.mark.parametrize("n,k,m", [(896, 896, 1), (128, 896, 8), (4864, 896, 1), (3584, 18944, 1),
+                                   (152064, 3584, 1), (100, 2048, 3), (18944, 3584, 5)])
+def test_launch_config_covers_every_row(n, k, m):
+    for fused in (1, 2):
+        r, split, wpb = cuda_q4.launch_config(n, k, m, fused)
+        assert split in (1, 2, 4, 8) and wpb % split == 0 and wpb * 32 <= 1024
+        rows_per_block = r * wpb // split
+        blocks = -(-n // rows_per_block)
+        assert blocks * rows_per_block >= n > (blocks - 1) * rows_per_block
+        assert (k // 32) >= 32 * split or split == 1     # no warp of a row group is left without chunks
+
+
+def test_reference_is_quantized_matmul_rounded_and_rel_err():
+    w, s, b = layer(96, 512, gs=128, dtype=mx.bfloat16, seed=3)
+    x = mx.random.normal((2, 512), key=mx.random.key(4)).astype(mx.bfloat16)
+    ref = cuda_q4.reference(x, (w, s, b), 128)
+    assert ref.dtype == mx.bfloat16 and ref.shape == (2, 96)
+    exact = mx.quantized_matmul(x.astype(mx.float32), w, s.astype(mx.float32), b.astype(mx.float32),
+                                transpose=True, group_size=128, bits=4)
+    assert cuda_q4.rel_err(ref, exact) < 4e-3               # bfloat16 rounding only
+    assert cuda_q4.rel_err(ref, ref) == 0.0
+    assert cuda_q4.rel_err(mx.full(ref.shape, float("nan"), mx.bfloat16), ref) == float("inf")
+    assert cuda_q4.rel_err(ref * 1.01, ref) > 5e-3
+
+
+def test_quantized_linear_falls_back_to_mlx_off_cuda():
+    w, s, b = layer(64, 256, dtype=mx.float32)
+    for shape in ((1, 256), (1, 1, 256), (12, 256)):
+        x = mx.random.normal(shape, key=mx.random.key(1))
+        want = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4)
+        got = quantized_linear(x, w, s, b, 64, 4)
+        assert got.shape == want.shape and mx.array_equal(got, want).item()
+
+
+# ---------------------------------------------------------------- the kernels compiled (nvcc, no GPU needed)
+
+# What MLX's CUDA back-end puts around a kernel body (mlx/backend/cuda/custom_kernel.cpp): its device header,
+# ours, then `__global__ void name(const T* input, [Shape input_shape,] ..., T* output, ...)` with the template
+# constants first in the body. The stand-in header gives what ours relies on from MLX's.
+MLX_STANDIN = """
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda/std/array>
+namespace mlx::core::cu { using Shape = cuda::std::array<int32_t, 10>; }
+"""
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
+PACKED = {"w", "gw", "uw", "qw", "kw", "vw"}
+
+
+def mlx_style_kernel(kind: str, dtype, m: int, cfg: tuple, gs: int) -> str:
+    inputs, outputs, body = cuda_q4.KERNEL_SPECS[kind]
+    name = f"{kind}_{CUDA_TYPES[dtype]}_{m}_{'_'.join(map(str, cfg))}_{gs}"
+    params = []
+    for n in inputs:
+        params.append(f"const {'uint32_t' if n in PACKED else CUDA_TYPES[dtype]}* {n}")
+        if n + "_shape" in body:
+            params.append(f"const __grid_constant__ Shape {n}_shape")
+    params += [f"{CUDA_TYPES[dtype]}* {n}" for n in outputs]
+    consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in zip(("M", "R", "SPLIT", "WPB", "GS"), (m, *cfg, gs)))
+    return (f"namespace mlx::core::cu {{\n__global__ void {name}({', '.join(params)}) {{\n"
+            f"  using T = {CUDA_TYPES[dtype]};\n{consts}{body}\n}}\n}}\n")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    cases = [("matvec", mx.float16, 1, (4, 1, 4), 64), ("matvec", mx.bfloat16, 8, (2, 4, 4), 32),
+             ("matvec", mx.bfloat16, 1, (4, 8, 8), 128), ("swiglu", mx.bfloat16, 1, (4, 1, 4), 64),
+             ("swiglu", mx.float16, 8, (1, 2, 4), 128), ("qkv", mx.float16, 1, (4, 2, 4), 64),
+             ("qkv_bias", mx.bfloat16, 3, (2, 1, 4), 32)]
+    src = MLX_STANDIN + cuda_q4.HEADER + "".join(mlx_style_kernel(*c) for c in cases)
+    (tmp_path / "q4.cu").write_text(src)
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "--resource-usage", "-o",
+                           str(tmp_path / "q4.cubin"), str(tmp_path / "q4.cu")],
+                          capture_output=True, text=True, timeout=300)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report[-3000:]
+    usage = [line for line in report.splitlines() if "stack frame" in line]
+    assert len(usage) == len(cases), report[-3000:]
+    assert all(line.strip().startswith("0 bytes stack frame, 0 bytes spill stores") for line in usage), usage
+
+
+# ---------------------------------------------------------------- on the GPU
+
+@gpu
+def test_self_check_passes_and_enables():
+    assert cuda_q4.enabled(), cuda_q4.check_report()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("n,k,m", [(896, 896, 1), (4864, 896, 2), (896, 4864, 1), (3584, 18944, 1),
+                                   (18944, 3584, 8), (512, 3584, 3)])
+def test_matvec_matches_quantized_matmul(dtype, gs, n, k, m):
+    key = mx.random.key(n * 7 + k + m + gs)
+    w, s, b = layer(n, k, gs, dtype, seed=n + gs)
+    x = mx.random.normal((1, m, k), key=key).astype(dtype)
+    out = cuda_q4.q4_matvec(x, w, s, b, gs, init_value=float("nan"))
+    assert out.shape == (1, m, n) and out.dtype == dtype
+    assert cuda_q4.rel_err(out, cuda_q4.reference(x, (w, s, b), gs)) < cuda_q4.TOLERANCE
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_quantized_linear_uses_the_kernel_on_cuda(dtype):
+    w, s, b = layer(1024, 2048, 64, dtype, seed=5)
+    x = mx.random.normal((1, 1, 2048), key=mx.random.key(6)).astype(dtype)
+    got = quantized_linear(x, w, s, b, 64, 4)
+    assert mx.array_equal(got, cuda_q4.q4_matvec(x, w, s, b, 64)).item()
+    assert cuda_q4.rel_err(got, cuda_q4.reference(x, (w, s, b), 64)) < cuda_q4.TOLERANCE

@@ -1,0 +1,59 @@
+"""Three real daemons on loopback: a three-way split gives exactly the single-node tokens, through every node."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, wait_ready
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+# Budgets that hold two layers (+ KV for --max-context 256, + embedding or head) but not three: a 2/2/2 split.
+MODELS = {
+    "tiny-qwen2": (str(FIXTURES / "tiny-qwen2-4bit"), "1700000"),
+    "demo": ("demo", "300000"),
+}
+
+
+def single_node_ids(model: str, prompt: list[int], max_tokens: int, env: dict) -> list[int]:
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", model, "--prompt-ids",
+                          ",".join(map(str, prompt)), "--max-tokens", str(max_tokens), "--output", "ids"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120, check=True)
+    return [int(t) for t in out.stdout.strip().split(",")]
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_three_way_split_equals_one_node(tmp_path, model_name):
+    model, budget = MODELS[model_name]
+    seed_port = free_port()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    daemons = []
+    try:
+        # a listens on seed_port; b and c know only that address (multicast-free networks use --peer)
+        for name, speed in (("a", "3"), ("b", "2"), ("c", "1")):
+            args = ["--memory-budget", budget, "--max-context", "256", "--speed", speed, "--no-mdns",
+                    "--cache-dir", str(tmp_path / name), "--cluster-key", "s3cret"]
+            args += ["--model", model] if name == "a" else ["--peer", f"127.0.0.1:{seed_port}"]
+            daemons.append(Daemon(name, "127.0.0.1", seed_port if name == "a" else free_port(), args, tmp_path, env))
+        states = wait_ready(daemons, nodes=3)
+        plan = states[0]["plan"]
+        layers = plan[-1]["end"]
+        assert [(s["name"], s["start"], s["end"]) for s in plan] == [("a", 0, 2), ("b", 2, 4), ("c", 4, layers)]
+        # b and c pulled their shards from a: their caches hold exactly their stage
+        for d, (start, end) in zip(daemons[1:], [(2, 4), (4, layers)]):
+            manifests = list((tmp_path / d.name).glob("shards/*/*/shard.json"))
+            assert [(json.loads(m.read_text())["start"], json.loads(m.read_text())["end"]) for m in manifests] == [(start, end)]
+
+        prompt = [1, 17, 99, 212, 3, 300, 42]
+        expected = single_node_ids(model, prompt, 40, {**os.environ, **env})
+        for d in daemons:
+            result = chat_ws(d.url, {"prompt_ids": prompt, "max_tokens": 40})
+            assert "done" in result, result
+            assert result["done"]["token_ids"] == expected, d.name
+    finally:
+        for d in daemons:
+            d.stop()
