@@ -19,7 +19,8 @@ import math
 
 import mlx.core as mx
 
-MAX_ROWS = 8                       # activation rows (tokens) the matvec kernels take
+MAX_ROWS = 8                       # activation rows (tokens) the kernels take
+FASTER_ROWS = 4                    # rows up to which they beat mx.quantized_matmul (measured, H100)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.float16, mx.bfloat16)
 TOLERANCE = 1e-3
@@ -302,24 +303,25 @@ def on_cuda() -> bool:
 def launch_config(n: int, k: int, m: int, fused: int = 1) -> tuple[int, int, int]:
     """(R, SPLIT, WPB): rows per row group, warps sharing a row group, warps per block.
 
-    Enough warps in flight to keep the memory busy (4096 across 132 SMs) without giving a thread less
-    than about two 16-byte chunks of a row; fewer rows per group as the activation rows multiply the
-    registers each row needs. `fused` weight rows per output row (2 for SwiGLU).
+    Eight weight rows in flight per thread (R * fused), fewer as activation rows multiply the registers
+    a row needs; a row group to one warp unless there are too few warps to keep the memory busy, and
+    never less than two 16-byte chunks per thread. Chosen from a sweep on the H100 (2026-11-25): there
+    one warp per row group and 8 rows ran fastest on the large shapes, SPLIT 8 slowest everywhere.
     """
-    rows = 4 if m * fused <= 2 else 2 if m * fused <= 8 else 1
+    rows = max(1, 8 // (m * fused))
     chunks, split = k // 32, 1
-    while split < 8 and -(-n // rows) * split < 4096 and chunks >= 64 * split:
+    while split < 4 and -(-n // rows) * split < 1024 and chunks >= 64 * split:
         split *= 2
-    return rows, split, max(4, split)
+    return rows, split, 4
 
 
-def _check_args(x: mx.array, group_size: int, *layers) -> tuple[int, int] | None:
+def _check_args(x: mx.array, group_size: int, layers, max_rows: int) -> tuple[int, int] | None:
     """(rows of x, K) when x and every (weight, scales, biases) fit these kernels, else None."""
     if x.dtype not in DTYPES or group_size not in GROUP_SIZES or x.ndim < 1:
         return None
     k = x.shape[-1]
     rows = math.prod(x.shape[:-1])
-    if not 1 <= rows <= MAX_ROWS or k % group_size:
+    if not 1 <= rows <= min(max_rows, MAX_ROWS) or k % group_size:
         return None
     for w, s, b in layers:
         if b is None or w.dtype != mx.uint32 or w.ndim != 2 or w.shape[1] * 8 != k:
@@ -334,50 +336,60 @@ def _template(dtype, m: int, cfg: tuple[int, int, int], group_size: int) -> list
     return [("T", dtype), ("M", m), ("R", r), ("SPLIT", split), ("WPB", wpb), ("GS", group_size)]
 
 
+def _rows_per_block(cfg: tuple[int, int, int]) -> int:
+    r, split, wpb = cfg
+    return r * wpb // split
+
+
 def _grid(n_rows_blocks: int, cfg: tuple[int, int, int]) -> tuple[tuple, tuple]:
     wpb = cfg[2]
     return (n_rows_blocks * wpb * 32, 1, 1), (wpb * 32, 1, 1)   # MLX's grid counts threads, not blocks
 
 
+# The kernels read x as rows of K contiguous values whatever its leading shape (MLX makes it row
+# contiguous), and the outputs take x's leading shape directly: no reshape ops, each of which would cost
+# a graph node per call. max_rows: activation rows taken (default: where the kernels are the faster).
+
 def q4_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, *,
-              config: tuple[int, int, int] | None = None, init_value: float | None = None) -> mx.array | None:
-    """x @ dequantize(weight).T for 1..8 rows of fp16/bf16 activations (bits 4), or None if not applicable."""
-    fit = _check_args(x, group_size, (weight, scales, biases))
+              config: tuple[int, int, int] | None = None, init_value: float | None = None,
+              max_rows: int = FASTER_ROWS) -> mx.array | None:
+    """x @ dequantize(weight).T for a few rows of fp16/bf16 activations (bits 4), or None if not applicable."""
+    fit = _check_args(x, group_size, [(weight, scales, biases)], max_rows)
     if fit is None:
         return None
     m, k = fit
     n = weight.shape[0]
     cfg = config or launch_config(n, k, m)
-    rows_per_block = cfg[0] * cfg[2] // cfg[1]
-    grid, block = _grid(-(-n // rows_per_block), cfg)
-    (y,) = _kernel("matvec")(inputs=[x.reshape(m, k), weight, scales, biases],
-                             template=_template(x.dtype, m, cfg, group_size), grid=grid, threadgroup=block,
-                             output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=init_value)
-    return y.reshape(*x.shape[:-1], n)
+    grid, block = _grid(-(-n // _rows_per_block(cfg)), cfg)
+    (y,) = _kernel("matvec")(inputs=[x, weight, scales, biases], template=_template(x.dtype, m, cfg, group_size),
+                             grid=grid, threadgroup=block, output_shapes=[(*x.shape[:-1], n)],
+                             output_dtypes=[x.dtype], init_value=init_value)
+    return y
 
 
 def swiglu(x: mx.array, gate_w: mx.array, gate_s: mx.array, gate_b: mx.array, up_w: mx.array, up_s: mx.array,
            up_b: mx.array, group_size: int, *, config: tuple[int, int, int] | None = None,
-           init_value: float | None = None) -> mx.array | None:
+           init_value: float | None = None, max_rows: int = FASTER_ROWS) -> mx.array | None:
     """silu(x @ gate.T) * (x @ up.T) in one kernel, or None if not applicable."""
-    fit = _check_args(x, group_size, (gate_w, gate_s, gate_b), (up_w, up_s, up_b))
+    fit = _check_args(x, group_size, [(gate_w, gate_s, gate_b), (up_w, up_s, up_b)], max_rows)
     if fit is None or gate_w.shape != up_w.shape:
         return None
     m, k = fit
     n = gate_w.shape[0]
     cfg = config or launch_config(n, k, m, fused=2)
-    grid, block = _grid(-(-n // (cfg[0] * cfg[2] // cfg[1])), cfg)
-    (y,) = _kernel("swiglu")(inputs=[x.reshape(m, k), gate_w, gate_s, gate_b, up_w, up_s, up_b],
+    grid, block = _grid(-(-n // _rows_per_block(cfg)), cfg)
+    (y,) = _kernel("swiglu")(inputs=[x, gate_w, gate_s, gate_b, up_w, up_s, up_b],
                              template=_template(x.dtype, m, cfg, group_size), grid=grid, threadgroup=block,
-                             output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=init_value)
-    return y.reshape(*x.shape[:-1], n)
+                             output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=init_value)
+    return y
 
 
 def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biases: tuple | None = None, *,
-        config: tuple[int, int, int] | None = None, init_value: float | None = None) -> tuple | None:
+        config: tuple[int, int, int] | None = None, init_value: float | None = None,
+        max_rows: int = FASTER_ROWS) -> tuple | None:
     """(x @ Wq.T, x @ Wk.T, x @ Wv.T) (+ their linear biases) in one launch; q/k/v are (weight, scales,
     biases) triples sharing the input dimension. None if not applicable."""
-    fit = _check_args(x, group_size, q, k, v)
+    fit = _check_args(x, group_size, [q, k, v], max_rows)
     if fit is None:
         return None
     m, kdim = fit
@@ -386,13 +398,11 @@ def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biase
                                          for lb, n in zip(linear_biases, ns)):
         return None
     cfg = config or launch_config(sum(ns), kdim, m)
-    rows_per_block = cfg[0] * cfg[2] // cfg[1]
-    grid, block = _grid(sum(-(-n // rows_per_block) for n in ns), cfg)
-    inputs = [x.reshape(m, kdim), *q, *k, *v] + (list(linear_biases) if linear_biases is not None else [])
-    outs = _kernel("qkv_bias" if linear_biases is not None else "qkv")(
+    grid, block = _grid(sum(-(-n // _rows_per_block(cfg)) for n in ns), cfg)
+    inputs = [x, *q, *k, *v] + (list(linear_biases) if linear_biases is not None else [])
+    return tuple(_kernel("qkv_bias" if linear_biases is not None else "qkv")(
         inputs=inputs, template=_template(x.dtype, m, cfg, group_size), grid=grid, threadgroup=block,
-        output_shapes=[(m, n) for n in ns], output_dtypes=[x.dtype] * 3, init_value=init_value)
-    return tuple(o.reshape(*x.shape[:-1], n) for o, n in zip(outs, ns))
+        output_shapes=[(*x.shape[:-1], n) for n in ns], output_dtypes=[x.dtype] * 3, init_value=init_value))
 
 
 def _q4_parts(layer) -> tuple | None:
@@ -450,7 +460,7 @@ def self_check(seed: int = 0) -> tuple[bool, str]:
     key = mx.random.key(seed)
     worst, lines = 0.0, []
     for i, (dtype, gs, m) in enumerate([(mx.float16, 64, 1), (mx.bfloat16, 128, 3), (mx.bfloat16, 32, 8)]):
-        keys = mx.random.split(mx.random.fold_in(key, i), 6)
+        keys = mx.random.split(mx.random.split(key, 3)[i], 6)
         n, k, nkv = 320, 1024, 64
         x = mx.random.normal((m, k), key=keys[0]).astype(dtype)
         a, c = random_q4(n, k, gs, dtype, keys[1]), random_q4(n, k, gs, dtype, keys[2])
@@ -459,10 +469,10 @@ def self_check(seed: int = 0) -> tuple[bool, str]:
                     for d, kk in zip((n, nkv, nkv), mx.random.split(keys[5], 3)))
         nan = float("nan")
         checks = {
-            "matvec": (q4_matvec(x, *a, gs, init_value=nan), reference(x, a, gs)),
-            "swiglu": (swiglu(x, *a, *c, gs, init_value=nan), _swiglu_reference(x, a, c, gs)),
+            "matvec": (q4_matvec(x, *a, gs, init_value=nan, max_rows=MAX_ROWS), reference(x, a, gs)),
+            "swiglu": (swiglu(x, *a, *c, gs, init_value=nan, max_rows=MAX_ROWS), _swiglu_reference(x, a, c, gs)),
         }
-        got = qkv(x, a, kl, vl, gs, lbs, init_value=nan)
+        got = qkv(x, a, kl, vl, gs, lbs, init_value=nan, max_rows=MAX_ROWS)
         refs = (reference(x, a, gs) + lbs[0], reference(x, kl, gs) + lbs[1], reference(x, vl, gs) + lbs[2])
         for j, name in enumerate("qkv"):
             checks[f"qkv.{name}"] = (got[j], refs[j])

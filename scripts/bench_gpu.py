@@ -5,6 +5,9 @@
     python scripts/bench_gpu.py time     # GB/s and us per call: mx.quantized_matmul vs ours, per shape and variant
     python scripts/bench_gpu.py sweep    # launch configurations (R, SPLIT, WPB) on the large 7B shapes
     python scripts/bench_gpu.py decode   # tok/s of random 4-bit checkpoints: mlx-lm vs the engine with/without kernels
+    ncu --csv --log-file $OUT/ncu.csv --clock-control none --metrics gpu__time_duration.sum -k regex:'q4_|qmv' \
+        python3 scripts/bench_gpu.py profile && python3 scripts/bench_gpu.py profile-table $OUT/ncu.csv
+                                         # GPU time of each kernel, without the framework's per-op overhead
 
 Each phase prints a table last and appends JSON lines to $OUT/bench.jsonl (or ./bench.jsonl). Errors are
 relative: ||out - ref|| / ||ref||, ref = mx.quantized_matmul in float32 on upcast inputs rounded to the
@@ -107,7 +110,7 @@ def check(seed: int = 1) -> bool:
                 layer = cuda_q4.random_q4(n, k, gs, dtype, kk[0])
                 for m, xk in zip(ms, kk[2:]):
                     x = mx.random.normal((m, k), key=xk).astype(dtype)
-                    out = cuda_q4.q4_matvec(x, *layer, gs, init_value=NAN)
+                    out = cuda_q4.q4_matvec(x, *layer, gs, init_value=NAN, max_rows=8)
                     ref = cuda_q4.reference(x, layer, gs)
                     mlx_out = mx.quantized_matmul(x, *layer, transpose=True, group_size=gs, bits=4)
                     record(f"matvec {dname} m={m}", f"{n}x{k} gs={gs}", out, ref, mlx_out)
@@ -124,13 +127,13 @@ def check(seed: int = 1) -> bool:
                 lbs = tuple(mx.random.normal((t[0].shape[0],), key=kk[5 + i]).astype(dtype) * 0.5
                             for i, t in enumerate((q, kl, vl))) if qkv_bias else None
                 for m in ((1, 2, 8) if gs == 64 else (1,)):
-                    x = mx.random.normal((m, h), key=mx.random.fold_in(kk[8], m)).astype(dtype)
-                    out = cuda_q4.swiglu(x, *gate, *up, gs, init_value=NAN)
+                    x = mx.random.normal((m, h), key=mx.random.split(kk[8], 9)[m]).astype(dtype)
+                    out = cuda_q4.swiglu(x, *gate, *up, gs, init_value=NAN, max_rows=8)
                     ref = cuda_q4._swiglu_reference(x, gate, up, gs)
                     g = mx.quantized_matmul(x, *gate, transpose=True, group_size=gs, bits=4)
                     u = mx.quantized_matmul(x, *up, transpose=True, group_size=gs, bits=4)
                     record(f"swiglu {dname} m={m}", f"{model} gs={gs}", out, ref, (g * mx.sigmoid(g)) * u)
-                    outs = cuda_q4.qkv(x, q, kl, vl, gs, lbs, init_value=NAN)
+                    outs = cuda_q4.qkv(x, q, kl, vl, gs, lbs, init_value=NAN, max_rows=8)
                     for j, (name, t) in enumerate(zip("qkv", (q, kl, vl))):
                         ref = cuda_q4.reference(x, t, gs)
                         mo = mx.quantized_matmul(x, *t, transpose=True, group_size=gs, bits=4)
@@ -188,9 +191,9 @@ def time_shapes(dname: str = "bf16", gs: int = 64) -> None:
     print("card:", card(), flush=True)
     rows = []
     qm = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=4)  # noqa: E731
-    ours = lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs)  # noqa: E731
+    ours = lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=8)  # noqa: E731
     for n, k in all_shapes():
-        for m in ((1, 4, 8) if (n, k) in ((18944, 3584), (3584, 18944)) else (1,)):
+        for m in (range(1, 9) if (n, k) == (18944, 3584) else (1,)):
             nb = layer_bytes(n, k, gs)
             layers = random_layers(n, k, gs, dtype, copies_for(nb), seed=n + k)
             x = mx.random.normal((m, k)).astype(dtype)
@@ -266,6 +269,8 @@ def sweep(dname: str = "bf16", gs: int = 64) -> None:
         results = []
         for cfg in configs:
             err = cuda_q4.rel_err(cuda_q4.q4_matvec(x, *layers[0], gs, config=cfg, init_value=NAN), ref)
+            if not err < cuda_q4.TOLERANCE:
+                print(f"FAIL {n}x{k} {cfg}: rel err {err:.2e}")
             t = per_call(lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, config=cfg), args, n_iter, 3)
             results.append((t, cfg, err))
             log({"phase": "sweep", "n": n, "k": k, "config": cfg, "s": t, "err": err, "bytes": nb})
@@ -277,6 +282,81 @@ def sweep(dname: str = "bf16", gs: int = 64) -> None:
                          f"{default} {nb / t_default / 1e9:.0f}"])
         del layers, args
     print(table(rows, ["shape", "(R,SPLIT,WPB)", "us", "GB/s", "err", "default GB/s"]))
+
+
+# ---------------------------------------------------------------- kernel times under Nsight Compute
+
+def profile(dname: str = "bf16", gs: int = 64) -> None:
+    """Runs each case once per repeat; run under `ncu --csv` (see __main__) for the GPU time of each kernel.
+
+    Writes the order of the profiled kernels ($OUT/profile_labels.json): ncu lists kernels in launch order.
+    """
+    dtype = DTYPES[dname]
+    qm = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=4)  # noqa: E731
+    labels = []
+
+    def run(label, kind, nbytes, fn, n_kernels=1):
+        for _ in range(3):
+            mx.eval(fn())
+            mx.synchronize()
+            labels.extend([[label, kind, nbytes]] * n_kernels)
+
+    cases = [(n, k, 1) for n, k in all_shapes()] + [(18944, 3584, m) for m in range(2, 9)]
+    for n, k, m in cases:
+        (layer,) = random_layers(n, k, gs, dtype, 1, seed=n + k)
+        x = mx.random.normal((m, k)).astype(dtype)
+        nb = layer_bytes(n, k, gs)
+        run(f"matvec {n}x{k} m={m}", "mlx", nb, lambda: qm(x, *layer))
+        run(f"matvec {n}x{k} m={m}", "ours", nb, lambda: cuda_q4.q4_matvec(x, *layer, gs, max_rows=8))
+    for model in ("qwen2.5-0.5b", "qwen2.5-7b"):
+        h, inter, *_ = MODELS[model]
+        shapes = linear_shapes(model)
+        gate, up = random_layers(inter, h, gs, dtype, 2, seed=1)
+        x = mx.random.normal((1, h)).astype(dtype)
+        nb = 2 * layer_bytes(inter, h, gs)
+        run(f"swiglu {model}", "mlx", nb, lambda: (qm(x, *gate), qm(x, *up)), 2)
+        run(f"swiglu {model}", "ours", nb, lambda: cuda_q4.swiglu(x, *gate, *up, gs))
+        (q,) = random_layers(shapes["q"][0], h, gs, dtype, 1, 3)
+        kl, vl = random_layers(shapes["kv"][0], h, gs, dtype, 2, 4)
+        nb = layer_bytes(shapes["q"][0], h, gs) + 2 * layer_bytes(shapes["kv"][0], h, gs)
+        run(f"qkv {model}", "mlx", nb, lambda: (qm(x, *q), qm(x, *kl), qm(x, *vl)), 3)
+        run(f"qkv {model}", "ours", nb, lambda: cuda_q4.qkv(x, q, kl, vl, gs))
+    (OUT / "profile_labels.json").write_text(json.dumps(labels))
+
+
+def profile_table(csv_path: str) -> None:
+    """Pairs ncu's kernel durations (in launch order) with profile()'s labels and prints GB/s per case."""
+    import csv
+
+    labels = json.loads((OUT / "profile_labels.json").read_text())
+    durations = []
+    with open(csv_path) as f:
+        lines = [line for line in f if line.startswith('"')]
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") == "gpu__time_duration.sum":
+            scale = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3}.get(row["Metric Unit"], 1e-9)
+            durations.append((row["Kernel Name"], float(row["Metric Value"].replace(",", "")) * scale))
+    if len(durations) != len(labels):
+        print(f"ncu listed {len(durations)} kernels, the script launched {len(labels)}: not paired")
+        return
+    per_case: dict[tuple, list] = {}
+    for (label, kind, nbytes), (name, t) in zip(labels, durations):
+        expect = "q4_" if kind == "ours" else "qmv"
+        if expect not in name:
+            print(f"kernel {name[:60]} where {kind} {label} was expected: not paired")
+            return
+        per_case.setdefault((label, nbytes), {}).setdefault(kind, []).append(t)
+    rows = []
+    for (label, nbytes), kinds in per_case.items():
+        n_mlx = max(1, len(kinds["mlx"]) // 3)   # kernels per call: 3 repeats were launched
+        t_mlx = sum(sorted(kinds["mlx"])[: 3 * n_mlx]) / 3
+        t_ours = statistics.median(kinds["ours"])
+        rows.append([label, f"{nbytes / 1e6:.1f}", f"{t_mlx * 1e6:.1f}", f"{nbytes / t_mlx / 1e9:.0f}",
+                     f"{t_ours * 1e6:.1f}", f"{nbytes / t_ours / 1e9:.0f}", f"{t_mlx / t_ours:.2f}"])
+        log({"phase": "ncu", "case": label, "bytes": nbytes, "mlx_s": t_mlx, "ours_s": t_ours})
+    print(f"GPU time per kernel launch (ncu gpu__time_duration, caches flushed, clocks not locked); "
+          f"mlx = sum of its kernels per call; card: {card()}")
+    print(table(rows, ["case", "MB", "mlx us", "mlx GB/s", "ours us", "ours GB/s", "speed-up"]))
 
 
 # ---------------------------------------------------------------- decode
@@ -295,7 +375,10 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
     print("card:", card(), flush=True)
     enabled = cuda_q4.enabled()
     print("kernels enabled:", enabled, flush=True)
-    plain_linear, plain_mlp, plain_attn = linear.quantized_linear, decoder.MLP.__call__, decoder.Attention.__call__
+    wired_linear, plain_mlp, plain_attn = linear.quantized_linear, decoder.MLP.__call__, decoder.Attention.__call__
+
+    def plain_linear(x, weight, scales, biases, group_size, bits):
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
     def fast_linear(x, weight, scales, biases, group_size, bits):
         if bits == 4:
@@ -328,7 +411,7 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def variant(name):
-        linear.quantized_linear = fast_linear if name != "engine" else plain_linear
+        linear.quantized_linear = {"engine": plain_linear, "engine+q4": fast_linear}.get(name, wired_linear)
         decoder.MLP.__call__ = fused_mlp if name == "engine+fused" else plain_mlp
         decoder.Attention.__call__ = fused_attn if name == "engine+fused" else plain_attn
 
@@ -354,7 +437,7 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
         except Exception as e:  # the engine's numbers still count without the reference
             rows.append([shape, "mlx-lm", "error", f"{type(e).__name__}: {e}"[:60]])
         stage = load_stage(path)
-        for name in ("engine", "engine+q4", "engine+fused") if enabled else ("engine",):
+        for name in ("engine", "engine+q4", "engine+wired", "engine+fused") if enabled else ("engine",):
             variant(name)
             best, out_ids = 0.0, None
             for _ in range(2):
@@ -368,7 +451,7 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
                 base_ids = out_ids
             rows.append([shape, name, f"{best:.1f}", same])
             log({"phase": "decode", "shape": shape, "variant": name, "tps": best, "note": same})
-        variant("engine")
+        variant("engine+wired")
         del stage
     print(f"decode tok/s, greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
     print(table(rows, ["model", "variant", "tok/s", "note"]))
@@ -382,6 +465,10 @@ if __name__ == "__main__":
         time_shapes(*sys.argv[2:3])
     elif phase == "sweep":
         sweep()
+    elif phase == "profile":
+        profile()
+    elif phase == "profile-table":
+        profile_table(sys.argv[2])
     elif phase == "decode":
         decode(tuple(sys.argv[2:]) or ("qwen2.5-0.5b", "qwen2.5-7b"))
     else:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,22 @@ def single_node_ids(model: str, prompt: list[int], max_tokens: int, env: dict) -
     return [int(t) for t in out.stdout.strip().split(",")]
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_three_way_split_equals_one_node(tmp_path, model_name):
+@pytest.mark.parametrize("model_name,discovery", [("tiny-qwen2", "mdns"), ("demo", "mdns"), ("demo", "peer")])
+def test_three_way_split_equals_one_node(tmp_path, model_name, discovery):
+    """The model only on a; budgets force a 2/2/2 split; b and c find a through mDNS (or --peer)."""
     model, budget = MODELS[model_name]
     seed_port = free_port()
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    key = uuid.uuid4().hex  # a cluster of this test's own: daemons of other tests on loopback are ignored
     daemons = []
     try:
-        # a listens on seed_port; b and c know only that address (multicast-free networks use --peer)
         for name, speed in (("a", "3"), ("b", "2"), ("c", "1")):
-            args = ["--memory-budget", budget, "--max-context", "256", "--speed", speed, "--no-mdns",
-                    "--cache-dir", str(tmp_path / name), "--cluster-key", "s3cret"]
-            args += ["--model", model] if name == "a" else ["--peer", f"127.0.0.1:{seed_port}"]
+            args = ["--memory-budget", budget, "--max-context", "256", "--speed", speed,
+                    "--cache-dir", str(tmp_path / name), "--cluster-key", key]
+            if discovery == "peer":
+                args += ["--no-mdns"] + ([] if name == "a" else ["--peer", f"127.0.0.1:{seed_port}"])
+            if name == "a":
+                args += ["--model", model]
             daemons.append(Daemon(name, "127.0.0.1", seed_port if name == "a" else free_port(), args, tmp_path, env))
         states = wait_ready(daemons, nodes=3)
         plan = states[0]["plan"]
