@@ -310,7 +310,7 @@ def launch_config(n: int, k: int, m: int, fused: int = 1) -> tuple[int, int, int
     """
     rows = max(1, 8 // (m * fused))
     chunks, split = k // 32, 1
-    while split < 4 and -(-n // rows) * split < 1024 and chunks >= 64 * split:
+    while split < 4 and -(-n // rows) * split < 1024 and chunks >= 128 * split:
         split *= 2
     return rows, split, 4
 

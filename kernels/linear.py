@@ -32,7 +32,14 @@ def compute_dtype(checkpoint_dtype: mx.Dtype, on: str | None = None) -> mx.Dtype
 
 def quantized_linear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
                      group_size: int, bits: int) -> mx.array:
-    """x @ dequantize(weight).T"""
+    """x @ dequantize(weight).T; on CUDA, 4-bit with a few rows of x, through kernels.cuda_q4 once its
+    start-up self-check has passed (imported here, so that CPU and Metal runs never touch it)."""
+    if bits == 4:
+        from kernels import cuda_q4
+        if cuda_q4.enabled():
+            y = cuda_q4.q4_matvec(x, weight, scales, biases, group_size)
+            if y is not None:
+                return y
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 

@@ -1,11 +1,12 @@
 """Shard benchmarks: build time of a 7B-shaped checkpoint's shards, loopback transfer beside `cp`, serving RSS.
 
-    python scripts/bench_shards.py [--model DIR] [--workdir DIR] [--keep]
+    python scripts/bench_shards.py [--model DIR] [--workdir DIR] [--dest DIR] [--keep]
 
 Without --model, writes a qwen2.5-7b-shaped random 4-bit checkpoint with scripts/make_model.py into the
-work folder first. Then, in one run:
+work folder first. Shards, caches and the `cp` copy go to --dest (default: the work folder; a tmpfs such as
+/dev/shm takes the disk's write speed out of the figures). `sync` runs before each timed step. In one run:
   1. profile the checkpoint (headers only) and build the shards of a three-node split (thirds);
-  2. start a serving process (swarm.shardserve on 127.0.0.1, uvloop where installed) and have it build the
+  2. start a serving process (swarm.shardserve on 127.0.0.1; uvloop on both sides where installed) and have it build the
      whole-model shard (one HEAD), then fetch that shard over loopback with fetch_shard (stream, sha256
      check, rename), and `cp` the same file on the same disk;
   3. read the serving process's peak RSS (VmHWM) after all of it.
@@ -73,19 +74,30 @@ async def transfer(url: str, model_hash: str, layers: int, cache: Path) -> float
     async with aiohttp.ClientSession() as session:
         async with session.head(f"{url}/shards/{model_hash}/0-{layers}-f1l1") as r:   # the source builds it
             r.raise_for_status()
+        subprocess.run(["sync"], check=True)
         t = time.perf_counter()
         await fetch_shard(session, url, model_hash, 0, layers, True, True, cache)
         return time.perf_counter() - t
+
+
+def run(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="a 7B-shaped checkpoint (default: write one with make_model.py)")
     ap.add_argument("--workdir", type=Path, help="where to write (default: a temporary folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--dest", type=Path, help="where shards and copies go (default: the work folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work and dest folders")
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-shards-"))
     work.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.dest)) if args.dest else work
     results: dict = {}
     proc = None
     try:
@@ -100,31 +112,36 @@ def main(argv=None) -> None:
         results["profile_s"] = round(time.perf_counter() - t, 3)
         n = profile.num_layers
         thirds = [(0, n // 3), (n // 3, 2 * n // 3), (2 * n // 3, n)]
+        subprocess.run(["sync"], check=True)
         t = time.perf_counter()
-        built = sum(write_shard_folder(profile, a, b, a == 0, b == n, work / "split" / f"{a}-{b}")["size"]
+        built = sum(write_shard_folder(profile, a, b, a == 0, b == n, dest / "split" / f"{a}-{b}")["size"]
                     for a, b in thirds)
         results["build_thirds_s"] = round(time.perf_counter() - t, 2)
+        shutil.rmtree(dest / "split")
         results["build_thirds_bytes"] = built
         results["build_thirds_GBps"] = round(built / results["build_thirds_s"] / 1e9, 2)
 
-        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(work / "source-cache")],
+        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(dest / "source-cache")],
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
         port, model_hash = proc.stdout.readline().split()
-        seconds = asyncio.run(transfer(f"http://127.0.0.1:{port}", model_hash, n, work / "node-cache"))
-        served = shard_dir(work / "source-cache", model_hash, 0, n, True, True) / "model.safetensors"
+        seconds = run(transfer(f"http://127.0.0.1:{port}", model_hash, n, dest / "node-cache"))
+        served = shard_dir(dest / "source-cache", model_hash, 0, n, True, True) / "model.safetensors"
         size = served.stat().st_size
         results["shard_bytes"] = size
         results["fetch_GBps"] = round(size / seconds / 1e9, 2)
         results["serving_peak_rss_MB"] = round(peak_rss(proc.pid) / 1e6, 1)
 
+        shutil.rmtree(dest / "node-cache")
+        subprocess.run(["sync"], check=True)
         t = time.perf_counter()
-        subprocess.run(["cp", str(served), str(work / "cp-copy")], check=True)
+        subprocess.run(["cp", str(served), str(dest / "cp-copy")], check=True)
         results["cp_GBps"] = round(size / (time.perf_counter() - t) / 1e9, 2)
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
         if not args.keep:
+            shutil.rmtree(dest, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
 
     rows = [("7B-shaped checkpoint, tensor bytes", f"{profile.total_bytes / 1e9:.2f} GB, {n} layers"),

@@ -53,9 +53,17 @@ def test_not_applicable_inputs_give_none(change):
         w = w.astype(mx.int32)
     elif change == "empty":
         x = mx.ones((0, 256), mx.float16)
-    assert cuda_q4.q4_matvec(x, w, s, b, gs) is None
-    assert cuda_q4.swiglu(x, w, s, b, w, s, b, gs) is None
-    assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), gs) is None
+    assert cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=cuda_q4.MAX_ROWS) is None
+    assert cuda_q4.swiglu(x, w, s, b, w, s, b, gs, max_rows=cuda_q4.MAX_ROWS) is None
+    assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), gs, max_rows=cuda_q4.MAX_ROWS) is None
+
+
+def test_more_rows_than_the_kernels_win_on_go_to_mlx():
+    w, s, b = layer(64, 256)
+    x = mx.ones((cuda_q4.FASTER_ROWS + 1, 256), mx.float16)
+    assert cuda_q4.q4_matvec(x, w, s, b, 64) is None
+    assert cuda_q4.swiglu(x, w, s, b, w, s, b, 64) is None
+    assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), 64) is None
 
 
 def test_fused_helpers_decline_layers_they_cannot_take():
@@ -86,7 +94,7 @@ def test_launch_config_covers_every_row(n, k, m):
         rows_per_block = r * wpb // split
         blocks = -(-n // rows_per_block)
         assert blocks * rows_per_block >= n > (blocks - 1) * rows_per_block
-        assert (k // 32) >= 32 * split or split == 1     # no warp of a row group is left without chunks
+        assert (k // 32) >= 64 * split or split == 1     # at least two chunks per thread of a row group
 
 
 def test_reference_is_quantized_matmul_rounded_and_rel_err():
@@ -174,7 +182,7 @@ def test_matvec_matches_quantized_matmul(dtype, gs, n, k, m):
     key = mx.random.key(n * 7 + k + m + gs)
     w, s, b = layer(n, k, gs, dtype, seed=n + gs)
     x = mx.random.normal((1, m, k), key=key).astype(dtype)
-    out = cuda_q4.q4_matvec(x, w, s, b, gs, init_value=float("nan"))
+    out = cuda_q4.q4_matvec(x, w, s, b, gs, init_value=float("nan"), max_rows=cuda_q4.MAX_ROWS)
     assert out.shape == (1, m, n) and out.dtype == dtype
     assert cuda_q4.rel_err(out, cuda_q4.reference(x, (w, s, b), gs)) < cuda_q4.TOLERANCE
 
