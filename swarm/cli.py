@@ -124,6 +124,31 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_topology(args) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = _node_url(args.node) + "/api/topology"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.apply:
+        request = urllib.request.Request(url, data=args.apply.read_bytes(), method="PUT",
+                                         headers={**headers, "Content-Type": "application/yaml"})
+    else:
+        request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            body = r.read().decode()
+    except urllib.error.HTTPError as e:
+        print(f"cake-swarm: error: {e.code}: {e.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    if args.apply:
+        import json
+        print(json.loads(body).get("yaml", body), end="")
+    else:
+        print(body, end="")
+    return 0
+
+
 def _cmd_chat(args) -> int:
     import asyncio
     import json
@@ -214,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.set_defaults(run=_cmd_chat)
+
+    tp = sub.add_parser("topology", help="print the plan in force as topology YAML (or apply a file)")
+    tp.add_argument("--node", default="127.0.0.1:10128", help="HOST:PORT of any node")
+    tp.add_argument("--apply", type=Path, help="a topology YAML to apply (validated first; a bad file changes nothing)")
+    tp.add_argument("--api-key", help="the swarm's --api-key, if it has one")
+    tp.set_defaults(run=_cmd_topology)
 
     s = sub.add_parser("split", help="write the shards of a topology offline, one folder per node")
     s.add_argument("--model", required=True)

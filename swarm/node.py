@@ -107,6 +107,7 @@ class Node:
         self.model_dir: Path | None = None
         self.profile: ModelProfile | None = None
         self.topology_text: str | None = None
+        self.topology_error: str | None = None     # the last edit of the file that was refused
         # the plan in force, as every node sees it
         self.plan: Plan | None = None
         self.plan_meta: dict = {}
@@ -460,8 +461,11 @@ class Node:
                 seen = mtime
                 try:
                     await self.apply_topology(path.read_text())
+                    self.topology_error = None
                 except (TopologyError, PlacementError, SwarmError) as e:
-                    log.warning("topology edit not applied: %s", e)
+                    self.topology_error = f"{path} not applied: {e}"
+                    log.warning(self.topology_error)
+                self.notify()
 
     async def apply_topology(self, text: str) -> Plan:
         """Validate a topology against the swarm and make it the plan; raises and changes nothing when wrong."""
@@ -533,7 +537,7 @@ class Node:
         return {
             "node": {"id": self.id, "name": self.name},
             "cluster": {"id": auth.cluster_id(self.config.cluster_key), "open": not self.config.cluster_key},
-            "ready": self.ready, "epoch": self.epoch, "plan_error": self.plan_error,
+            "ready": self.ready, "epoch": self.epoch, "plan_error": self.plan_error, "topology_error": self.topology_error,
             "source_present": bool(holders) or self.plan is None,
             "plan": [{**s.__dict__, "name": self._name_of(s.node_id)} for s in self.plan.stages] if self.plan else [],
             "nodes": nodes, "refused": self.members.refused,

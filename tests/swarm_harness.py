@@ -59,6 +59,10 @@ def wait_for(predicate, timeout: float, what: str, daemons=()):
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
+        dead = [d for d in daemons if d.proc.poll() is not None]
+        if dead:
+            raise AssertionError(f"{', '.join(d.name for d in dead)} exited while waiting for {what}\n"
+                                 + "\n".join(f"--- {d.name} ---\n{d.log()[-3000:]}" for d in dead))
         try:
             value = predicate()
             if value:
@@ -101,3 +105,55 @@ def chat_ws(url: str, body: dict, timeout: float = 60.0) -> dict:
                 else:
                     return {"text": text, "ids": ids, frame["type"]: frame}
     return asyncio.run(run())
+
+
+# --- helpers for the web tests ---------------------------------------------------------------------------
+
+DEMO_SPLIT_BUDGET = "3.5MB"  # the demo needs 5.6 MB with its KV cache: two such nodes split it 0-2 | 3-4
+
+
+class KeyedDaemon(Daemon):
+    """A daemon started with `--api-key`: state() presents the key."""
+
+    def __init__(self, *args, api_key: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.api_key = api_key
+
+    @property
+    def auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def state(self) -> dict:
+        request = urllib.request.Request(self.url + "/api/swarm", headers=self.auth)
+        with urllib.request.urlopen(request, timeout=5.0) as r:
+            return json.loads(r.read())
+
+
+def demo_pair(tmp: Path, api_key: str | None = None, args_a: tuple = (), args_b: tuple = ()) -> list[KeyedDaemon]:
+    """Two daemons on 127.0.0.1 running the demo as a two-stage pipeline: "a" holds the model and
+    layers 0-2 (speed pinned higher), "b" pulls layers 3-4 from it. Demo conversion goes into tmp/xdg;
+    each node has its own shard cache. The caller stops both (this stops them only when it raises)."""
+    env = {"XDG_CACHE_HOME": str(tmp / "xdg")}
+    keyed = ("--api-key", api_key) if api_key else ()
+    daemons: list[KeyedDaemon] = []
+    try:
+        port_a = free_port()
+        daemons.append(KeyedDaemon("a", "127.0.0.1", port_a, [
+            "--model", "demo", "--no-mdns", "--speed", "2", "--memory-budget", DEMO_SPLIT_BUDGET,
+            "--cache-dir", str(tmp / "cache-a"), *keyed, *args_a], tmp, env, api_key=api_key))
+        daemons.append(KeyedDaemon("b", "127.0.0.1", free_port(), [
+            "--peer", f"127.0.0.1:{port_a}", "--no-mdns", "--speed", "1", "--memory-budget", DEMO_SPLIT_BUDGET,
+            "--cache-dir", str(tmp / "cache-b"), *keyed, *args_b], tmp, env, api_key=api_key))
+        return daemons
+    except BaseException:
+        for d in daemons:
+            d.stop()
+        raise
+
+
+def cli_generate(tmp: Path, *args: str, timeout: float = 120.0) -> str:
+    """stdout of `cake-swarm generate --model demo ARGS` (single node, no daemon), without its final newline."""
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", "demo", *args], cwd=REPO,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg")}, capture_output=True, text=True,
+                         timeout=timeout, check=True)
+    return out.stdout[:-1] if out.stdout.endswith("\n") else out.stdout

@@ -18,7 +18,8 @@ def sampling_params(body: dict, default_max_tokens: int = 256) -> SamplingParams
     """Request fields (OpenAI's names) -> SamplingParams; ValueError on bad values."""
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens")) or default_max_tokens
+    max_tokens = next((body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None),
+                      default_max_tokens)
     params = SamplingParams(temperature=float(body.get("temperature", 0.0) or 0.0), top_p=float(body.get("top_p", 1.0) or 1.0),
                             top_k=int(body.get("top_k", 0) or 0), min_p=float(body.get("min_p", 0.0) or 0.0),
                             repetition_penalty=float(body.get("repetition_penalty", 1.0) or 1.0),

@@ -75,10 +75,11 @@ class Reply:
         self.chat, self.model, self.prompt, self.with_ids = chat, model, prompt, with_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self._prompt_ids_due = True
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
-        if self.with_ids and self.chat:
+        if self.with_ids and self.chat and self._prompt_ids_due:
             out["prompt_token_ids"] = self.prompt
         return out
 
@@ -92,7 +93,7 @@ class Reply:
         choice.update(logprobs=None, finish_reason=reason)
         if self.with_ids and ids is not None:
             choice["token_ids"] = ids
-            if not self.chat:
+            if not self.chat and self._prompt_ids_due:
                 choice["prompt_token_ids"] = self.prompt
         return choice
 
@@ -103,7 +104,9 @@ class Reply:
 
     def chunk(self, text: str | None, ids: list[int] | None = None, reason: str | None = None) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._object(kind, [self._choice(text, reason, ids, delta=True)])
+        out = self._object(kind, [self._choice(text, reason, ids, delta=True)])
+        self._prompt_ids_due = False  # a stream gives the prompt's ids in its first chunk only
+        return out
 
     def role_chunk(self) -> dict:
         out = self.chunk("", [])
