@@ -385,7 +385,8 @@ def test_without_a_chat_template_messages_become_a_plain_prompt(tmp_path):
                                                           "add_bos_token": True})
     ours = Tokenizer.load(folder)
     assert not ours.has_chat_template
-    messages = [{"role": "user", "content": "Once upon"}, {"role": "user", "content": [{"type": "text", "text": "a time"}]}]
+    messages = [{"role": "user", "content": "Once upon"},
+                {"role": "user", "content": [{"type": "text", "text": "a time"}]}]  # OpenAI content parts
     assert ours.apply_chat_template(messages) == "Once upon\na time"
     assert ours.encode_chat(messages) == ours.encode("Once upon\na time") and ours.encode_chat(messages)[0] == 1
 
@@ -462,6 +463,16 @@ def test_stream_equals_decode_on_random_unicode(kind, text):
     check_stream(tok, text)
     if kind == "byte_level":
         assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(draws=st.lists(st.integers(0, 10**6), max_size=30), skip=st.booleans())
+def test_stream_equals_decode_on_random_byte_level_ids(draws, skip):
+    # any ids, invalid UTF-8 and special tokens included: byte-level decoding never revises sent text
+    tok = backend_tokenizer("byte_level")
+    ids = [d % tok.vocab_size for d in draws]
+    chunks, rest = stream(tok, ids, skip)
+    assert "".join(chunks) + rest == tok.decode(ids, skip_special_tokens=skip)
 
 
 def test_special_tokens_skipped_or_kept_as_decode_does():

@@ -125,7 +125,8 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
         backend = _Backend.from_file(str(path))
         # older checkpoints keep the special tokens in special_tokens_map.json; tokenizer_config.json wins
-        config = {**_read_json(model_dir / "special_tokens_map.json"), **_read_json(model_dir / "tokenizer_config.json")}
+        config = {**_read_json(model_dir / "special_tokens_map.json"),
+                  **_read_json(model_dir / "tokenizer_config.json")}
         eos_ids = set()
         for name in ("generation_config.json", "config.json"):
             eos_ids |= _as_ids(_read_json(model_dir / name).get("eos_token_id"))
@@ -209,9 +210,10 @@ class StreamingDetokenizer:
     which strips the first token's leading space, as SentencePiece's does, strips it from text already
     sent and not from the new text), then the ids not yet emitted. The new text is released once it no
     longer ends in U+FFFD, i.e. once its last character is complete; until then the ids wait, however
-    many a character (or a run of byte-level tokens cut across characters) takes. For ids that decode to
-    valid UTF-8 the pieces add up to decode(ids); an invalid byte run decodes as U+FFFD in both, though
-    where a byte-fallback run turns invalid after a valid start the split may differ from decode()."""
+    many a character (or a run of byte-level tokens cut across characters) takes. The pieces add up to
+    decode(ids), invalid bytes included (U+FFFD in both), with one exception: a run of byte-fallback
+    <0xNN> tokens that starts as valid UTF-8 and turns invalid, which decode() replaces as a whole after
+    its valid start was already sent."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer

@@ -151,7 +151,9 @@ function renderPipeline(s, color) {
 
 function renderNodes(s, color) {
   $("nodes-sub").textContent = `${s.nodes.length} in the swarm`;
-  const rows = s.nodes.map((n) => {
+  const order = Object.fromEntries(s.plan.map((st, i) => [st.node_id, i]));
+  const nodes = [...s.nodes].sort((x, y) => (order[x.id] ?? 1e9) - (order[y.id] ?? 1e9) || x.name.localeCompare(y.name));
+  const rows = nodes.map((n) => {
     const used = Number(n.used) || 0, budget = Number(n.budget) || 0;
     const pct = budget ? Math.min(100, (100 * used) / budget) : 0;
     const tags = [n.id === s.node.id && "this node", n.model && "model source", n.coordinator && "coordinator"].filter(Boolean);
@@ -199,6 +201,7 @@ function renderTopology(s) {
   const edited = topologyShown !== null && area.value !== topologyShown;
   if (!edited && document.activeElement !== area) {
     area.value = s.web.topology;
+    area.rows = Math.max(6, s.web.topology.split("\n").length);
     topologyShown = s.web.topology;
   }
 }
