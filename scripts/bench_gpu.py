@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from kernels import cuda_q4  # noqa: E402
 
@@ -110,7 +111,7 @@ def check(seed: int = 1) -> bool:
                 layer = cuda_q4.random_q4(n, k, gs, dtype, kk[0])
                 for m, xk in zip(ms, kk[2:]):
                     x = mx.random.normal((m, k), key=xk).astype(dtype)
-                    out = cuda_q4.q4_matvec(x, *layer, gs, init_value=NAN, max_rows=8)
+                    out = cuda_q4.q4_matvec(x, *layer, gs, init_value=NAN, max_rows=8, min_weights=0)
                     ref = cuda_q4.reference(x, layer, gs)
                     mlx_out = mx.quantized_matmul(x, *layer, transpose=True, group_size=gs, bits=4)
                     record(f"matvec {dname} m={m}", f"{n}x{k} gs={gs}", out, ref, mlx_out)
@@ -129,10 +130,10 @@ def check(seed: int = 1) -> bool:
                 for m in ((1, 2, 8) if gs == 64 else (1,)):
                     x = mx.random.normal((m, h), key=mx.random.split(kk[8], 9)[m]).astype(dtype)
                     out = cuda_q4.swiglu(x, *gate, *up, gs, init_value=NAN, max_rows=8)
-                    ref = cuda_q4._swiglu_reference(x, gate, up, gs)
+                    ref = cuda_q4.swiglu_reference(x, gate, up, gs)
                     g = mx.quantized_matmul(x, *gate, transpose=True, group_size=gs, bits=4)
                     u = mx.quantized_matmul(x, *up, transpose=True, group_size=gs, bits=4)
-                    record(f"swiglu {dname} m={m}", f"{model} gs={gs}", out, ref, (g * mx.sigmoid(g)) * u)
+                    record(f"swiglu {dname} m={m}", f"{model} gs={gs}", out, ref, nn.silu(g) * u)
                     outs = cuda_q4.qkv(x, q, kl, vl, gs, lbs, init_value=NAN, max_rows=8)
                     for j, (name, t) in enumerate(zip("qkv", (q, kl, vl))):
                         ref = cuda_q4.reference(x, t, gs)
@@ -191,7 +192,7 @@ def time_shapes(dname: str = "bf16", gs: int = 64) -> None:
     print("card:", card(), flush=True)
     rows = []
     qm = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=4)  # noqa: E731
-    ours = lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=8)  # noqa: E731
+    ours = lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=8, min_weights=0)  # noqa: E731
     for n, k in all_shapes():
         for m in (range(1, 9) if (n, k) == (18944, 3584) else (1,)):
             nb = layer_bytes(n, k, gs)
@@ -216,7 +217,7 @@ def time_shapes(dname: str = "bf16", gs: int = 64) -> None:
 
         def unfused(x, gw, gsc, gb, uw, us, ub):
             g, u = qm(x, gw, gsc, gb), qm(x, uw, us, ub)
-            return (g * mx.sigmoid(g)) * u
+            return nn.silu(g) * u
 
         n_iter = max(50, min(400, int(2e9 / nb)))
         t_mlx = per_call(unfused, args, n_iter)
@@ -268,10 +269,10 @@ def sweep(dname: str = "bf16", gs: int = 64) -> None:
         n_iter = max(50, min(400, int(2e9 / nb)))
         results = []
         for cfg in configs:
-            err = cuda_q4.rel_err(cuda_q4.q4_matvec(x, *layers[0], gs, config=cfg, init_value=NAN), ref)
+            err = cuda_q4.rel_err(cuda_q4.q4_matvec(x, *layers[0], gs, config=cfg, init_value=NAN, min_weights=0), ref)
             if not err < cuda_q4.TOLERANCE:
                 print(f"FAIL {n}x{k} {cfg}: rel err {err:.2e}")
-            t = per_call(lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, config=cfg), args, n_iter, 3)
+            t = per_call(lambda x, w, s, b: cuda_q4.q4_matvec(x, w, s, b, gs, config=cfg, min_weights=0), args, n_iter, 3)
             results.append((t, cfg, err))
             log({"phase": "sweep", "n": n, "k": k, "config": cfg, "s": t, "err": err, "bytes": nb})
         results.sort()
@@ -307,7 +308,7 @@ def profile(dname: str = "bf16", gs: int = 64) -> None:
         x = mx.random.normal((m, k)).astype(dtype)
         nb = layer_bytes(n, k, gs)
         run(f"matvec {n}x{k} m={m}", "mlx", nb, lambda: qm(x, *layer))
-        run(f"matvec {n}x{k} m={m}", "ours", nb, lambda: cuda_q4.q4_matvec(x, *layer, gs, max_rows=8))
+        run(f"matvec {n}x{k} m={m}", "ours", nb, lambda: cuda_q4.q4_matvec(x, *layer, gs, max_rows=8, min_weights=0))
     for model in ("qwen2.5-0.5b", "qwen2.5-7b"):
         h, inter, *_ = MODELS[model]
         shapes = linear_shapes(model)
@@ -361,8 +362,6 @@ def profile_table(csv_path: str) -> None:
 # ---------------------------------------------------------------- decode
 
 def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
-    import mlx.nn as nn
-
     import kernels.linear as linear
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_model import make_model

@@ -477,9 +477,22 @@ class Node:
 
     # --- serving requests ----------------------------------------------------------------------------
 
+    @property
+    def source_present(self) -> bool:
+        """Whether this node or a peer holds the model (the plan's model, once there is a plan)."""
+        model = self.plan_meta.get("model")
+        holders = [self.model_hash] + [str(p.info.get("model") or "") for p in self.members.peers.values()]
+        return any(h and (not model or h == model) for h in holders)
+
     async def wait_ready(self, timeout: float = READY_WAIT_S) -> None:
         deadline = time.monotonic() + timeout
-        while not (self.ready and self.plan and self.side_files_ready):
+        while True:
+            if self.plan is not None and not self.source_present:
+                # no holder: nobody can replan or serve shards, so waiting cannot help
+                raise SwarmError("the model's source left the swarm: no node holding the model is connected "
+                                 "(start a node with --model to bring the swarm back)")
+            if self.ready and self.plan and self.side_files_ready:
+                break
             if time.monotonic() > deadline:
                 why = self.plan_error or ("no node holding the model is reachable" if not self.plan else "stages loading")
                 raise SwarmError(f"the swarm is not ready: {why}")
@@ -533,12 +546,11 @@ class Node:
         nodes = [self.info()] + [{**p.info, "id": p.node_id, "addr": p.addr, "port": p.port,
                                   "seen_s_ago": round(time.monotonic() - p.last_seen, 2)}
                                  for p in self.members.peers.values()]
-        holders = [n for n in nodes if n.get("model")]
         return {
             "node": {"id": self.id, "name": self.name},
             "cluster": {"id": auth.cluster_id(self.config.cluster_key), "open": not self.config.cluster_key},
             "ready": self.ready, "epoch": self.epoch, "plan_error": self.plan_error, "topology_error": self.topology_error,
-            "source_present": bool(holders) or self.plan is None,
+            "source_present": self.source_present,
             "plan": [{**s.__dict__, "name": self._name_of(s.node_id)} for s in self.plan.stages] if self.plan else [],
             "nodes": nodes, "refused": self.members.refused,
             "sessions": len(self.requests), "stats": self.stats,

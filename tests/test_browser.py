@@ -172,5 +172,20 @@ async def test_dashboard_shows_the_swarm_and_streams_a_chat(swarm, tmp_path):
         assert desktop.read_bytes().startswith(b"\x89PNG") and phone.stat().st_size > 10_000
         _save(desktop, "dashboard.png")
         _save(phone, "dashboard-phone.png")
+
+        # a swarm without its model source says so (rendered from the same state, source gone)
+        banner = await browser.js("render({...state, source_present: false}); document.getElementById('banners').innerText")
+        assert "No model source" in banner
+        # the node that plans, left alone with too small a budget, shows why there is no plan, live
+        await browser.send("Page.navigate", url=f"{a.url}/?key={KEY}")
+        await browser.until("document.querySelectorAll('#nodes tr').length === 2", "a's dashboard")
+        await asyncio.to_thread(b.stop)
+        banner = await browser.until("document.getElementById('banners').innerText.includes('No plan.')"
+                                     " && document.getElementById('banners').innerText", "the plan error", 60)
+        assert "does not fit" in banner
+        assert await browser.js("document.querySelectorAll('#nodes tr').length") == 1
+        await browser.screenshot(tmp_path / "dashboard-plan-error.png", 1280)
+        _save(tmp_path / "dashboard-plan-error.png", "dashboard-plan-error.png")
+        assert not browser.exceptions, browser.exceptions
     finally:
         await browser.close()

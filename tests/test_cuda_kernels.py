@@ -53,15 +53,25 @@ def test_not_applicable_inputs_give_none(change):
         w = w.astype(mx.int32)
     elif change == "empty":
         x = mx.ones((0, 256), mx.float16)
-    assert cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=cuda_q4.MAX_ROWS) is None
+    assert cuda_q4.q4_matvec(x, w, s, b, gs, max_rows=cuda_q4.MAX_ROWS, min_weights=0) is None
     assert cuda_q4.swiglu(x, w, s, b, w, s, b, gs, max_rows=cuda_q4.MAX_ROWS) is None
     assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), gs, max_rows=cuda_q4.MAX_ROWS) is None
+
+
+def test_small_matvecs_go_to_mlx():
+    if ON_GPU:
+        pytest.skip("a valid input would run the kernel")
+    w, s, b = layer(64, 256)
+    x = mx.ones((1, 256), mx.float16)
+    assert cuda_q4.q4_matvec(x, w, s, b, 64) is None      # 16K weights < FASTER_WEIGHTS: MLX's launch is cheaper
+    with pytest.raises(RuntimeError):                      # past the size rule it would build the kernel
+        cuda_q4.q4_matvec(x, w, s, b, 64, min_weights=0)
 
 
 def test_more_rows_than_the_kernels_win_on_go_to_mlx():
     w, s, b = layer(64, 256)
     x = mx.ones((cuda_q4.FASTER_ROWS + 1, 256), mx.float16)
-    assert cuda_q4.q4_matvec(x, w, s, b, 64) is None
+    assert cuda_q4.q4_matvec(x, w, s, b, 64, min_weights=0) is None
     assert cuda_q4.swiglu(x, w, s, b, w, s, b, 64) is None
     assert cuda_q4.qkv(x, (w, s, b), (w, s, b), (w, s, b), 64) is None
 
@@ -175,22 +185,27 @@ def test_self_check_passes_and_enables():
 
 @gpu
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("n,k,m", [(896, 896, 1), (4864, 896, 2), (896, 4864, 1), (3584, 18944, 1),
-                                   (18944, 3584, 8), (512, 3584, 3)])
-def test_matvec_matches_quantized_matmul(dtype, gs, n, k, m):
-    key = mx.random.key(n * 7 + k + m + gs)
-    w, s, b = layer(n, k, gs, dtype, seed=n + gs)
-    x = mx.random.normal((1, m, k), key=key).astype(dtype)
-    out = cuda_q4.q4_matvec(x, w, s, b, gs, init_value=float("nan"), max_rows=cuda_q4.MAX_ROWS)
+@pytest.mark.parametrize("n,k,m,gs", [(896, 896, 1, 32), (896, 4864, 2, 64), (3584, 18944, 1, 128),
+                                      (4864, 896, 8, 64)])
+def test_kernels_match_quantized_matmul(dtype, n, k, m, gs):
+    keys = mx.random.split(mx.random.key(n + k + m), 5)
+    a, c = layer(n, k, gs, dtype, seed=n + gs), layer(n, k, gs, dtype, seed=n + gs + 1)
+    x = mx.random.normal((1, m, k), key=keys[0]).astype(dtype)
+    nan, rows = float("nan"), cuda_q4.MAX_ROWS
+    out = cuda_q4.q4_matvec(x, *a, gs, init_value=nan, max_rows=rows, min_weights=0)
     assert out.shape == (1, m, n) and out.dtype == dtype
-    assert cuda_q4.rel_err(out, cuda_q4.reference(x, (w, s, b), gs)) < cuda_q4.TOLERANCE
+    assert cuda_q4.rel_err(out, cuda_q4.reference(x, a, gs)) < cuda_q4.TOLERANCE
+    out = cuda_q4.swiglu(x, *a, *c, gs, init_value=nan, max_rows=rows)
+    assert cuda_q4.rel_err(out, cuda_q4.swiglu_reference(x, a, c, gs)) < cuda_q4.TOLERANCE
+    lbs = tuple(mx.random.normal((n,), key=kk).astype(dtype) for kk in keys[1:4])
+    for got, t, lb in zip(cuda_q4.qkv(x, a, c, a, gs, lbs, init_value=nan, max_rows=rows), (a, c, a), lbs):
+        assert cuda_q4.rel_err(got, cuda_q4.reference(x, t, gs) + lb) < cuda_q4.TOLERANCE
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_quantized_linear_uses_the_kernel_on_cuda(dtype):
-    w, s, b = layer(1024, 2048, 64, dtype, seed=5)
+    w, s, b = layer(4096, 2048, 64, dtype, seed=5)
     x = mx.random.normal((1, 1, 2048), key=mx.random.key(6)).astype(dtype)
     got = quantized_linear(x, w, s, b, 64, 4)
     assert mx.array_equal(got, cuda_q4.q4_matvec(x, w, s, b, 64)).item()

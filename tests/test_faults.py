@@ -44,7 +44,7 @@ class Swarm:
     def start(self, name: str, speed: str, *extra: str, port: int | None = None) -> Daemon:
         args = ["--memory-budget", BUDGET, "--max-context", "256", "--speed", speed, "--cluster-key", self.key,
                 "--cache-dir", str(self.tmp_path / name), "--no-mdns", *self.extra, *extra]
-        if self.seed is None:
+        if self.seed is None or self.seed.name == name:
             args += ["--model", "demo"]
         else:
             args += ["--peer", f"127.0.0.1:{self.seed.port}"]
@@ -83,8 +83,9 @@ def plan_of(state: dict) -> list[tuple[str, int, int]]:
 def chat_with_fault(url: str, body: dict, fault, within: float = ERROR_WITHIN_S) -> dict:
     """Stream a /ws/chat answer and call fault() once the first token arrived.
 
-    Returns {"tokens": tokens received, "end": the last frame, "after_s": seconds from the fault to it};
-    fails if the stream ends any other way or nothing ends it within `within` seconds of the fault."""
+    Returns {"tokens": tokens received, "end": the last frame, "at": time.monotonic() of the fault, "after_s":
+    seconds from the fault to the last frame}; fails if the stream ends any other way or nothing ends it
+    within `within` seconds of the fault."""
     async def run():
         async with aiohttp.ClientSession() as http, http.ws_connect(url + "/ws/chat") as ws:
             await ws.send_json(body)
@@ -98,12 +99,12 @@ def chat_with_fault(url: str, body: dict, fault, within: float = ERROR_WITHIN_S)
                 assert msg.type == aiohttp.WSMsgType.TEXT, f"the chat socket ended with {msg.type.name}, not a frame"
                 frame = json.loads(msg.data)
                 if frame["type"] != "token":
-                    return {"tokens": tokens, "end": frame,
+                    return {"tokens": tokens, "end": frame, "at": faulted,
                             "after_s": None if faulted is None else time.monotonic() - faulted}
                 tokens += 1
                 if faulted is None:
-                    fault()
                     faulted = time.monotonic()
+                    fault()
     return asyncio.run(run())
 
 
@@ -116,16 +117,16 @@ def shard_files(cache_dir: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def recovered(daemons, plan: list[tuple[str, int, int]], timeout: float = READY_WITHIN_S) -> float:
-    """Seconds until every daemon is ready on one epoch with this plan (fails after `timeout`)."""
-    t0 = time.monotonic()
+def recovered(daemons, plan: list[tuple[str, int, int]], since: float, timeout: float = READY_WITHIN_S) -> float:
+    """Seconds from `since` (a time.monotonic()) until every daemon is ready on one epoch with this plan;
+    fails `timeout` seconds after `since`."""
 
     def check():
         states = [d.state() for d in daemons]
         return (all(s["ready"] and plan_of(s) == plan for s in states)
                 and len({s["epoch"] for s in states}) == 1)
-    wait_for(check, timeout, f"the swarm to be ready on {plan}", daemons)
-    return time.monotonic() - t0
+    wait_for(check, since + timeout - time.monotonic(), f"the swarm to be ready on {plan}", daemons)
+    return time.monotonic() - since
 
 
 def test_middle_stage_killed_mid_stream(swarm):
@@ -147,13 +148,13 @@ def test_middle_stage_killed_mid_stream(swarm):
     print(f"\nkill: error frame {result['after_s']:.3f} s after SIGKILL, after {result['tokens']} tokens")
 
     survivors = [a, c, d]
-    took = recovered(survivors, [("a", 0, 2), ("c", 2, 4), ("d", 4, 5)])
-    print(f"kill: ready on a new plan {took:.2f} s after the error")
+    took = recovered(survivors, [("a", 0, 2), ("c", 2, 4), ("d", 4, 5)], since=result["at"])
+    print(f"kill: ready on a new plan {took:.2f} s after the SIGKILL")
     assert all(len(s.state()["nodes"]) == 3 for s in survivors)
     assert chat_ws(c.url, {"prompt_ids": PROMPT, "max_tokens": LONG})["done"]["token_ids"] == expected
 
     b = swarm.start("b", "3", port=b.port)  # same name, port and --cache-dir; a new node id
-    took = recovered([a, b, c, d], full, timeout=60)
+    took = recovered([a, b, c, d], full, since=time.monotonic(), timeout=60)
     print(f"kill: restarted b back in the plan {took:.2f} s after its start")
     assert shard_files(swarm.tmp_path / "b") == cached  # the same file: not downloaded again
     assert b.state()["nodes"][0]["state"] == "loaded"
@@ -161,10 +162,12 @@ def test_middle_stage_killed_mid_stream(swarm):
 
 
 def test_source_gone(swarm):
-    """The only node holding the model dies: every node says so and requests fail at once, saying why."""
+    """The only node holding the model dies: every node says so and requests fail at once, saying why;
+    the source started again brings the swarm back."""
     a, b, c = (swarm.start(n, s) for n, s in (("a", "3"), ("b", "2"), ("c", "1")))
     states = wait_ready([a, b, c], nodes=3)
     assert all(s["source_present"] for s in states)
+    expected = swarm.expected(20)
     a.stop(signal.SIGKILL)
     wait_for(lambda: not any(d.state()["source_present"] for d in (b, c)), 10, "b and c to miss the source", [b, c])
     for d in (b, c):
@@ -172,10 +175,28 @@ def test_source_gone(swarm):
         result = chat_ws(d.url, {"prompt_ids": PROMPT, "max_tokens": 20}, timeout=ERROR_WITHIN_S)
         took = time.monotonic() - t0
         assert "error" in result, result
-        assert "source" in result["error"]["message"] and result["error"]["status"] == 503, result
+        assert "source left the swarm" in result["error"]["message"] and result["error"]["status"] == 503, result
         print(f"\nsource gone: {d.name} refused a chat in {took * 1000:.0f} ms: {result['error']['message']}")
         state = d.state()
         assert state["source_present"] is False and state["ready"] is False
+    status, body = post_json(b.url + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 5})
+    assert status == 503 and "source left the swarm" in body["error"]["message"], body
+
+    a = swarm.start("a", "3", port=a.port)  # b and c redial their --peer
+    recovered([a, b, c], [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)], since=time.monotonic(), timeout=60)
+    assert all(d.state()["source_present"] for d in (a, b, c))
+    assert chat_ws(c.url, {"prompt_ids": PROMPT, "max_tokens": 20})["done"]["token_ids"] == expected
+
+
+def post_json(url: str, body: dict, timeout: float = ERROR_WITHIN_S) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def test_strangers_are_refused(swarm):

@@ -56,9 +56,13 @@ def model_id(node) -> str:
     return node.plan_meta.get("model_name") or node.plan_meta.get("model") or node.model_hash
 
 
-def error_response(status: int, message: str, code: str | None = None) -> web.Response:
-    """OpenAI's error JSON; a 503 (busy or not ready) says when to come back."""
+def error_body(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error JSON."""
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    """OpenAI's error JSON as a reply; a 503 (busy or not ready) says when to come back."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                             status=status, headers=headers)
+    return web.json_response(error_body(status, message, code), status=status, headers=headers)

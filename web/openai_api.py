@@ -27,7 +27,7 @@ import uuid
 from aiohttp import web
 
 from swarm.pipeline import SwarmError
-from web.common import METER, NODE, encode_prompt, error_response, model_id, sampling_params
+from web.common import METER, NODE, encode_prompt, error_body, error_response, model_id, sampling_params
 from web.generation import Generation
 
 
@@ -137,7 +137,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             await gen.start()
             if not body.get("stream"):
                 async for _ in gen:
-                    pass
+                    if request.transport is None or request.transport.is_closing():
+                        return web.Response(status=499)  # the client gave up: stop, nobody reads this
                 return web.json_response(reply.whole(gen))
         except SwarmError as e:
             return error_response(e.status, str(e))
@@ -166,7 +167,7 @@ async def _stream(request: web.Request, reply: Reply, gen: Generation, include_u
             if include_usage:
                 await send(reply.usage_chunk(gen))
         except SwarmError as e:
-            await send({"error": {"message": str(e), "type": "server_error", "param": None, "code": e.status}})
+            await send(error_body(e.status, str(e)))
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass  # the client left; leaving the `async with` ends the session on every stage

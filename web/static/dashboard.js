@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const PALETTE = ["#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#fb923c", "#2dd4bf", "#e879f9"];
+const CHAT_HINT = "Ask the swarm something. A model without a chat template (like the demo) continues your text.";
 const STATE_PILL = { loaded: "pill-ok", fetching: "pill-info", loading: "pill-warn", failed: "pill-bad", idle: "pill-grey" };
 
 function h(tag, attrs = {}, ...children) {
@@ -105,7 +106,7 @@ function renderStats(s) {
   if (live.tps > 0) {
     tps.textContent = fmt.rate(live.tps);
     tps.className = "value live";
-    $("stat-tps-sub").textContent = `live · ${live.active} generating here`;
+    $("stat-tps-sub").textContent = live.active ? `live · ${live.active} generating here` : "live";
   } else {
     tps.textContent = fmt.rate(live.last_tps ?? stats.last_tps);
     tps.className = "value";
@@ -139,12 +140,12 @@ function renderPipeline(s, color) {
   const items = [];
   stages.forEach((st, i) => {
     if (i) items.push(h("li", { class: "arrow", "aria-hidden": "true" }, "→"));
-    const n = nodes[st.node_id] || {};
-    items.push(h("li", { class: "stage", style: { "--c": color[st.node_id] }, "data-node": st.name },
+    const n = nodes[st.node_id];
+    items.push(h("li", { class: "stage" + (n ? "" : " gone"), style: { "--c": color[st.node_id] }, "data-node": st.name },
       h("div", { class: "name" }, h("span", { class: "dot", style: { "--c": color[st.node_id] } }), st.name,
         st.first && h("span", { class: "tag" }, "embedding"), st.last && h("span", { class: "tag" }, "head")),
       h("div", { class: "layers" }, `layers ${fmt.layers(st.start, st.end)}`),
-      h("div", { class: "meta" }, `${fmt.bytes(st.bytes)} planned · ${n.state || "?"}`)));
+      h("div", { class: "meta" }, `${fmt.bytes(st.bytes)} planned · ${n ? n.state : "left the swarm"}`)));
   });
   $("pipeline").replaceChildren(...items);
 }
@@ -327,7 +328,7 @@ $("chat-input").addEventListener("keydown", (e) => {
 $("chat-clear").onclick = () => {
   chat.ws?.close();
   chat.history = [];
-  $("messages").replaceChildren(h("p", { class: "muted empty", id: "chat-empty" }, "Ask the swarm something."));
+  $("messages").replaceChildren(h("p", { class: "muted empty", id: "chat-empty" }, CHAT_HINT));
 };
 
 render(state);
