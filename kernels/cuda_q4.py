@@ -352,40 +352,63 @@ def _grid(n_rows_blocks: int, cfg: tuple[int, int, int]) -> tuple[tuple, tuple]:
 
 # The kernels read x as rows of K contiguous values whatever its leading shape (MLX makes it row
 # contiguous), and the outputs take x's leading shape directly: no reshape ops, each of which would cost
-# a graph node per call. max_rows: activation rows taken (default: where the kernels are the faster).
+# a graph node per call. Decode on the GPU is bound by the host's time per op, so what a call decides
+# from shapes and dtypes (applicable? template, grid, output shapes) is worked out once per signature
+# and kept in _plans; a call then costs a dict lookup and the launch. max_rows: activation rows taken
+# (default: where the kernels are the faster).
+_plans: dict[tuple, tuple | None] = {}
+
+
+def _signature(x, layers, *rest) -> tuple:
+    return (x.shape, x.dtype, *((w.shape, w.dtype, s.shape, s.dtype, None if b is None else (b.shape, b.dtype))
+                                for w, s, b in layers), *rest)
+
+
+def _plan(x, layers, group_size: int, max_rows: int, config, fused: int, outputs: int = 1) -> tuple | None:
+    """(template, grid, threadgroup, output shapes) for one call signature, or None if not applicable."""
+    fit = _check_args(x, group_size, layers, max_rows)
+    if fit is None or (fused == 2 and layers[0][0].shape != layers[1][0].shape):
+        return None
+    m, k = fit
+    ns = [w.shape[0] for w, _, _ in layers][:outputs]
+    cfg = config or launch_config(sum(ns), k, m, fused)
+    grid, block = _grid(sum(-(-n // _rows_per_block(cfg)) for n in ns), cfg)
+    return _template(x.dtype, m, cfg, group_size), grid, block, [(*x.shape[:-1], n) for n in ns]
+
 
 def q4_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, *,
               config: tuple[int, int, int] | None = None, init_value: float | None = None,
               max_rows: int = FASTER_ROWS, min_weights: int = FASTER_WEIGHTS) -> mx.array | None:
     """x @ dequantize(weight).T for a few rows of fp16/bf16 activations (bits 4), or None if not applicable."""
-    fit = _check_args(x, group_size, [(weight, scales, biases)], max_rows)
-    if fit is None or weight.size * 8 < min_weights:
+    if weight.size * 8 < min_weights:
         return None
-    m, k = fit
-    n = weight.shape[0]
-    cfg = config or launch_config(n, k, m)
-    grid, block = _grid(-(-n // _rows_per_block(cfg)), cfg)
-    (y,) = _kernel("matvec")(inputs=[x, weight, scales, biases], template=_template(x.dtype, m, cfg, group_size),
-                             grid=grid, threadgroup=block, output_shapes=[(*x.shape[:-1], n)],
-                             output_dtypes=[x.dtype], init_value=init_value)
-    return y
+    layers = ((weight, scales, biases),)
+    key = _signature(x, layers, "matvec", group_size, max_rows, config)
+    if key not in _plans:
+        _plans[key] = _plan(x, layers, group_size, max_rows, config, 1)
+    plan = _plans[key]
+    if plan is None:
+        return None
+    template, grid, block, shapes = plan
+    return _kernel("matvec")(inputs=[x, weight, scales, biases], template=template, grid=grid, threadgroup=block,
+                             output_shapes=shapes, output_dtypes=[x.dtype], init_value=init_value)[0]
 
 
 def swiglu(x: mx.array, gate_w: mx.array, gate_s: mx.array, gate_b: mx.array, up_w: mx.array, up_s: mx.array,
            up_b: mx.array, group_size: int, *, config: tuple[int, int, int] | None = None,
            init_value: float | None = None, max_rows: int = FASTER_ROWS) -> mx.array | None:
     """silu(x @ gate.T) * (x @ up.T) in one kernel, or None if not applicable."""
-    fit = _check_args(x, group_size, [(gate_w, gate_s, gate_b), (up_w, up_s, up_b)], max_rows)
-    if fit is None or gate_w.shape != up_w.shape:
+    layers = ((gate_w, gate_s, gate_b), (up_w, up_s, up_b))
+    key = _signature(x, layers, "swiglu", group_size, max_rows, config)
+    if key not in _plans:
+        _plans[key] = _plan(x, layers, group_size, max_rows, config, 2)
+    plan = _plans[key]
+    if plan is None:
         return None
-    m, k = fit
-    n = gate_w.shape[0]
-    cfg = config or launch_config(n, k, m, fused=2)
-    grid, block = _grid(-(-n // _rows_per_block(cfg)), cfg)
-    (y,) = _kernel("swiglu")(inputs=[x, gate_w, gate_s, gate_b, up_w, up_s, up_b],
-                             template=_template(x.dtype, m, cfg, group_size), grid=grid, threadgroup=block,
-                             output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=init_value)
-    return y
+    template, grid, block, shapes = plan
+    return _kernel("swiglu")(inputs=[x, gate_w, gate_s, gate_b, up_w, up_s, up_b], template=template, grid=grid,
+                             threadgroup=block, output_shapes=shapes, output_dtypes=[x.dtype],
+                             init_value=init_value)[0]
 
 
 def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biases: tuple | None = None, *,
@@ -393,20 +416,23 @@ def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biase
         max_rows: int = FASTER_ROWS) -> tuple | None:
     """(x @ Wq.T, x @ Wk.T, x @ Wv.T) (+ their linear biases) in one launch; q/k/v are (weight, scales,
     biases) triples sharing the input dimension. None if not applicable."""
-    fit = _check_args(x, group_size, [q, k, v], max_rows)
-    if fit is None:
+    layers = (q, k, v)
+    lb_sig = None if linear_biases is None else tuple(None if lb is None else (lb.shape, lb.dtype)
+                                                       for lb in linear_biases)
+    key = _signature(x, layers, "qkv", group_size, max_rows, config, lb_sig)
+    if key not in _plans:
+        plan = _plan(x, layers, group_size, max_rows, config, 1, outputs=3)
+        if plan is not None and lb_sig is not None and lb_sig != tuple(((n,), x.dtype) for *_, n in plan[3]):
+            plan = None
+        _plans[key] = plan
+    plan = _plans[key]
+    if plan is None:
         return None
-    m, kdim = fit
-    ns = [t[0].shape[0] for t in (q, k, v)]
-    if linear_biases is not None and any(lb is None or lb.dtype != x.dtype or lb.shape != (n,)
-                                         for lb, n in zip(linear_biases, ns)):
-        return None
-    cfg = config or launch_config(sum(ns), kdim, m)
-    grid, block = _grid(sum(-(-n // _rows_per_block(cfg)) for n in ns), cfg)
+    template, grid, block, shapes = plan
     inputs = [x, *q, *k, *v] + (list(linear_biases) if linear_biases is not None else [])
     return tuple(_kernel("qkv_bias" if linear_biases is not None else "qkv")(
-        inputs=inputs, template=_template(x.dtype, m, cfg, group_size), grid=grid, threadgroup=block,
-        output_shapes=[(*x.shape[:-1], n) for n in ns], output_dtypes=[x.dtype] * 3, init_value=init_value))
+        inputs=inputs, template=template, grid=grid, threadgroup=block, output_shapes=shapes,
+        output_dtypes=[x.dtype] * 3, init_value=init_value))
 
 
 def _q4_parts(layer) -> tuple | None:

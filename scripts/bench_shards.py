@@ -8,7 +8,7 @@ work folder first. Shards, caches and the `cp` copy go to --dest (default: the w
   1. profile the checkpoint (headers only) and build the shards of a three-node split (thirds);
   2. start a serving process (swarm.shardserve on 127.0.0.1; uvloop on both sides where installed) and have it build the
      whole-model shard (one HEAD), then fetch that shard over loopback with fetch_shard (stream, sha256
-     check, rename), and `cp` the same file on the same disk;
+     check, rename), and `cp` the same file on the same disk; two rounds, the best of each;
   3. read the serving process's peak RSS (VmHWM) after all of it.
 Prints the figures as a table and as one JSON line.
 """
@@ -80,6 +80,13 @@ async def transfer(url: str, model_hash: str, layers: int, cache: Path) -> float
         return time.perf_counter() - t
 
 
+def cp(src: Path, dst: Path) -> float:
+    subprocess.run(["sync"], check=True)
+    t = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    return time.perf_counter() - t
+
+
 def run(coro):
     try:
         import uvloop
@@ -124,18 +131,20 @@ def main(argv=None) -> None:
         proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(dest / "source-cache")],
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
         port, model_hash = proc.stdout.readline().split()
-        seconds = run(transfer(f"http://127.0.0.1:{port}", model_hash, n, dest / "node-cache"))
-        served = shard_dir(dest / "source-cache", model_hash, 0, n, True, True) / "model.safetensors"
+        # Two rounds, best of each: a VM is slow to touch memory it never used before, and whichever
+        # ran first would pay for it.
+        fetch_s, cp_s = [], []
+        for _ in range(2):
+            fetch_s.append(run(transfer(f"http://127.0.0.1:{port}", model_hash, n, dest / "node-cache")))
+            shutil.rmtree(dest / "node-cache")
+            served = shard_dir(dest / "source-cache", model_hash, 0, n, True, True) / "model.safetensors"
+            cp_s.append(cp(served, dest / "cp-copy"))
+            (dest / "cp-copy").unlink()
         size = served.stat().st_size
         results["shard_bytes"] = size
-        results["fetch_GBps"] = round(size / seconds / 1e9, 2)
+        results["fetch_GBps"] = [round(size / s / 1e9, 2) for s in fetch_s]
+        results["cp_GBps"] = [round(size / s / 1e9, 2) for s in cp_s]
         results["serving_peak_rss_MB"] = round(peak_rss(proc.pid) / 1e6, 1)
-
-        shutil.rmtree(dest / "node-cache")
-        subprocess.run(["sync"], check=True)
-        t = time.perf_counter()
-        subprocess.run(["cp", str(served), str(dest / "cp-copy")], check=True)
-        results["cp_GBps"] = round(size / (time.perf_counter() - t) / 1e9, 2)
     finally:
         if proc is not None:
             proc.kill()
@@ -147,8 +156,8 @@ def main(argv=None) -> None:
     rows = [("7B-shaped checkpoint, tensor bytes", f"{profile.total_bytes / 1e9:.2f} GB, {n} layers"),
             ("profile (headers only)", f"{results['profile_s']} s"),
             ("build the shards of a 3-way split", f"{results['build_thirds_s']} s ({results['build_thirds_GBps']} GB/s)"),
-            ("fetch the whole-model shard over loopback", f"{results['fetch_GBps']} GB/s (stream + sha256 + rename)"),
-            ("cp of the same file", f"{results['cp_GBps']} GB/s"),
+            ("fetch the whole-model shard over loopback", f"{max(results['fetch_GBps'])} GB/s (stream + sha256 + rename)"),
+            ("cp of the same file", f"{max(results['cp_GBps'])} GB/s"),
             ("peak RSS of the serving process", f"{results['serving_peak_rss_MB']} MB")]
     for what, figure in rows:
         print(f"{what:45s} {figure}")

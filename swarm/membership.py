@@ -2,8 +2,8 @@
 
 Each node dials every peer it learns of (mDNS, --peer, a peer's welcome or an incoming dial) and sends
 its own frames on the link it dialed; frames arrive on the links peers dialed to it. A link is admitted
-after a mutual HMAC challenge-response on the cluster key. A peer is dead when its links close or when
-no frame came from it for DEAD_AFTER_S seconds.
+after a mutual HMAC challenge-response on the cluster key. A peer is dead when its links close, when
+no frame came from it for DEAD_AFTER_S seconds, or when a frame to it could not be sent for SEND_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ log = logging.getLogger("swarm.membership")
 
 HEARTBEAT_S = 1.0
 DEAD_AFTER_S = 3.5
+SEND_TIMEOUT_S = DEAD_AFTER_S   # a peer that takes no frame for this long is as dead as a silent one
 HANDSHAKE_S = 5.0
 VERSION = "1"
 
@@ -95,10 +96,21 @@ class Membership:
         if peer is None or peer.link is None or peer.link.closed:
             raise PeerGone(f"peer {node_id} is not connected")
         try:
-            await peer.link.send_bytes(encode_frame(frame))
+            # a link whose cable is pulled gets no ACKs: once the socket buffers fill, send_bytes waits
+            # forever, and with it whatever sends (the stage runner, the heartbeats)
+            await asyncio.wait_for(peer.link.send_bytes(encode_frame(frame)), SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.drop(node_id, f"a frame waited {SEND_TIMEOUT_S} s to be sent")
+            raise PeerGone(f"peer {node_id} takes no frames") from None
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
             self.drop(node_id, f"send failed: {e}")
             raise PeerGone(f"peer {node_id}: {e}") from None
+
+    async def _send_quietly(self, node_id: str, frame: dict) -> None:
+        try:
+            await self.send(node_id, frame)
+        except PeerGone:
+            pass
 
     async def broadcast(self, frame: dict) -> None:
         for node_id in list(self.peers):
@@ -256,11 +268,14 @@ class Membership:
         while True:
             self._seq += 1
             frame = {"t": "heartbeat", "node_id": self.node_id, "seq": self._seq, "info": self.info()}
-            await self.broadcast(frame)
+            for node_id in list(self.peers):
+                # a task each: a peer whose link is stuck must not hold up the others' heartbeats
+                self._spawn(self._send_quietly(node_id, frame))
             for addr, port in self._static:
                 self.dial_soon(addr, port)
-            now = time.monotonic()
-            for peer in list(self.peers.values()):
-                if now - peer.last_seen > DEAD_AFTER_S:
-                    self.drop(peer.node_id, f"no heartbeat for {now - peer.last_seen:.1f} s")
-            await asyncio.sleep(HEARTBEAT_S)
+            for _ in range(2):  # look for silent peers twice a beat: a dead one is dropped sooner
+                now = time.monotonic()
+                for peer in list(self.peers.values()):
+                    if now - peer.last_seen > DEAD_AFTER_S:
+                        self.drop(peer.node_id, f"no heartbeat for {now - peer.last_seen:.1f} s")
+                await asyncio.sleep(HEARTBEAT_S / 2)

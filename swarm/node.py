@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -204,6 +205,12 @@ class Node:
     # --- what this node tells others -----------------------------------------------------------------
 
     @property
+    def model_name(self) -> str:
+        """What people call the model: the repo id or folder name they gave, not the hash."""
+        spec = self.config.model or ""
+        return spec if spec == "demo" or ("/" in spec and not Path(spec).exists()) else Path(spec).name
+
+    @property
     def model_hash(self) -> str:
         return self.profile.model_hash if self.profile else ""
 
@@ -294,11 +301,16 @@ class Node:
         if self.is_coordinator:
             await self.replan()
 
+    @property
+    def max_context(self) -> int:
+        """Tokens a session may hold: --max-context, cut to the model's positions."""
+        return min(self.config.max_context, int(self.profile.config.get("max_position_embeddings") or 1 << 30))
+
     def model_cost(self) -> ModelCost:
         cfg = self.profile.config
         heads = cfg.get("num_attention_heads", 1)
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        kv = kv_bytes_per_layer(cfg.get("num_key_value_heads") or heads, head_dim, self.config.max_context, 4)
+        kv = kv_bytes_per_layer(cfg.get("num_key_value_heads") or heads, head_dim, self.max_context, 4)
         head = self.profile.norm_bytes + (self.profile.embed_bytes if self.profile.tied else self.profile.head_bytes)
         return ModelCost(tuple(self.profile.layer_bytes(i) for i in range(self.profile.num_layers)),
                          self.profile.embed_bytes, head, kv)
@@ -337,6 +349,8 @@ class Node:
         eos = self.profile.config.get("eos_token_id")
         meta = {**plan.to_dict(), "coordinator": self.id, "model": self.model_hash, "ready": False,
                 "eos": eos if isinstance(eos, list) else [] if eos is None else [eos],
+                "max_context": self.max_context,
+                "model_name": self.model_name,
                 "sources": [{"node_id": self.id, "addr": self.addr, "port": self.config.port}]
                 + [{"node_id": p.node_id, "addr": p.addr, "port": p.port}
                    for p in self.members.peers.values() if p.info.get("model") == self.model_hash]}
@@ -525,16 +539,17 @@ class Node:
         t0 = time.perf_counter()
         self.stats["requests"] += 1
         reason = None
-        async for token in request_tokens(self, prompt, params, budget):
-            now = time.perf_counter()
-            if timings.generated_tokens == 0:
-                timings.prefill_s, t1 = now - t0, now
-            timings.generated_tokens += 1
-            timings.decode_s = now - t1
-            text, reason = stream.feed(token)
-            yield token, text, reason
-            if reason:
-                break
+        async with contextlib.aclosing(request_tokens(self, prompt, params, budget)) as tokens:
+            async for token in tokens:
+                now = time.perf_counter()
+                if timings.generated_tokens == 0:
+                    timings.prefill_s, t1 = now - t0, now
+                timings.generated_tokens += 1
+                timings.decode_s = now - t1
+                text, reason = stream.feed(token)
+                yield token, text, reason
+                if reason:
+                    break
         self.stats.update(tokens=self.stats["tokens"] + timings.generated_tokens, last_tps=timings.decode_tps,
                           last_ttft_s=timings.prefill_s, last_timings=timings.as_dict())
         self.notify()

@@ -97,7 +97,10 @@ class StageRunner:
             try:
                 await self._handle(frame)
             except Exception as e:  # one session fails; the node goes on
-                log.exception("session %s failed on this stage", frame.get("session"))
+                if isinstance(e, (SwarmError, ConnectionError)):
+                    log.warning("session %s failed on this stage: %s", frame.get("session"), e)
+                else:
+                    log.exception("session %s failed on this stage", frame.get("session"))
                 self.end(frame["session"])
                 await self.node.send_quietly(frame.get("origin", ""), {
                     "t": "error", "session": frame["session"], "message": f"stage on {self.node.name} failed: {e}"})

@@ -164,6 +164,8 @@ async def test_dashboard_shows_the_swarm_and_streams_a_chat(swarm, tmp_path):
         assert meta.startswith("48 tokens"), meta
         # the live feed brought the request's numbers without a reload
         await browser.until("document.getElementById('stat-served').textContent === '1'", "the request counted")
+        await browser.until("document.getElementById('stat-sessions-sub').textContent === 'through this node'",
+                            "every stage to report its session freed")
         assert not browser.exceptions, browser.exceptions
 
         desktop, phone = tmp_path / "dashboard.png", tmp_path / "dashboard-phone.png"
@@ -173,9 +175,10 @@ async def test_dashboard_shows_the_swarm_and_streams_a_chat(swarm, tmp_path):
         _save(desktop, "dashboard.png")
         _save(phone, "dashboard-phone.png")
 
-        # a swarm without its model source says so (rendered from the same state, source gone)
-        banner = await browser.js("render({...state, source_present: false}); document.getElementById('banners').innerText")
-        assert "No model source" in banner
+        # a swarm without its model source, or with a refused topology edit, says so (the same state, changed)
+        banner = await browser.js("render({...state, source_present: false, topology_error: 'topo.yaml not applied: "
+                                  "line 3: boom'}); document.getElementById('banners').innerText")
+        assert "No model source" in banner and "line 3: boom" in banner
         # the node that plans, left alone with too small a budget, shows why there is no plan, live
         await browser.send("Page.navigate", url=f"{a.url}/?key={KEY}")
         await browser.until("document.querySelectorAll('#nodes tr').length === 2", "a's dashboard")

@@ -2,8 +2,10 @@
 
 The same four-node layout as tests/test_faults.py (a, b, c in the plan, d the spare), each node on a
 host of its own with real addresses and multicast. Unlike a kill, nothing closes a TCP connection:
-the peers learn of b's loss only from missing heartbeats. b itself lives on, cut off; plugged back in,
-it redials its --peer, rejoins, and takes its layers back from the stage it still holds.
+the peers learn of b's loss only from missing heartbeats, and frames sent to b pile up in socket buffers
+that never drain (a's sends then time out instead of blocking its stage and heartbeats for good). b
+itself lives on, cut off; plugged back in, it redials its --peer, rejoins, and takes its layers back
+from the stage it still holds.
 """
 
 import json
@@ -41,6 +43,21 @@ async def main(url, body):
             if tokens == 1:
                 print("FIRST", flush=True)
 print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))), flush=True)
+"""
+# runs inside host a's namespace: six chats with near-full prompts, whose hidden states (60 KiB each) a
+# sends into the dead link; prints how each ended
+FLOOD = """
+import asyncio, json, sys, aiohttp
+async def one(url, i):
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + "/ws/chat") as ws:
+        await ws.send_json({"prompt_ids": [1] + [(i * 7 + k) % 500 + 3 for k in range(240)], "max_tokens": 5})
+        while True:
+            frame = json.loads((await ws.receive(timeout=60)).data)
+            if frame["type"] != "token":
+                return frame
+async def main(url):
+    return await asyncio.gather(*(one(url, i) for i in range(6)))
+print(json.dumps(asyncio.run(main(sys.argv[1]))), flush=True)
 """
 
 
@@ -110,6 +127,9 @@ def test_middle_stage_link_down_mid_stream(tmp_path):
             assert client.stdout.readline().strip() == "FIRST"
             cut = time.monotonic()
             b.set_link(False)
+            # before anyone knows b is gone, a sends it more than the socket buffers hold: a's sends block
+            flood = a.popen([sys.executable, "-c", FLOOD, f"http://{a.addr}:{PORT}"], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
             line = client.stdout.readline()  # the client's own 60 s receive timeout bounds this
             after = time.monotonic() - cut
             result = json.loads(line)
@@ -118,6 +138,8 @@ def test_middle_stage_link_down_mid_stream(tmp_path):
             assert result["tokens"] < LONG
             print(f"\nlink down: error frame {after:.2f} s after the cut, after {result['tokens']} tokens")
             assert after < ERROR_WITHIN_S, f"the error frame came {after:.2f} s after the cut"
+            ends = json.loads(flood.stdout.readline())
+            assert all(e["type"] == "error" and "left the swarm" in e["message"] for e in ends), ends
 
             took = wait_states([a, c, d], ready_on([("a", 0, 2), ("c", 2, 4), ("d", 4, 5)]),
                                READY_WITHIN_S - (time.monotonic() - cut), "a new plan without b", daemons)

@@ -231,7 +231,7 @@ async def test_eight_simultaneous_streaming_chats_get_their_solo_answers(swarm):
     clients = [openai.AsyncOpenAI(base_url=swarm[i % 2].url + "/v1", api_key="unused") for i in range(len(prompts))]
 
     async def chat(c, prompt, stream):
-        args = dict(model="demo", messages=[{"role": "user", "content": prompt}], max_tokens=32)
+        args = dict(model="demo", messages=[{"role": "user", "content": prompt}], max_tokens=24)
         if not stream:
             return (await c.chat.completions.create(**args)).choices[0].message.content
         text = ""

@@ -147,7 +147,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, reply: Reply, gen: Generation, include_usage: bool) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})  # proxies must not hold the tokens back
     await response.prepare(request)
 
     async def send(obj) -> None:

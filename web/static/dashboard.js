@@ -97,6 +97,7 @@ function renderBanners(s) {
       "--model, or bring the model's node back."));
   }
   if (s.plan_error) banners.push(banner("bad", "No plan.", s.plan_error));
+  if (s.topology_error) banners.push(banner("warn", "Topology file edit refused.", s.topology_error));
   $("banners").replaceChildren(...banners);
 }
 
