@@ -425,33 +425,34 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
             from mlx_lm import load as lm_load
             from mlx_lm import stream_generate
             model, tok = lm_load(str(path))
-            for _ in range(2):
+            tps = []
+            for _ in range(4):
                 last = None
                 for last in stream_generate(model, tok, prompt, max_tokens=tokens):
                     pass
-            rows.append([shape, "mlx-lm 0.32.2", f"{last.generation_tps:.1f}", ""])
-            log({"phase": "decode", "shape": shape, "variant": "mlx-lm", "tps": last.generation_tps})
+                tps.append(last.generation_tps)
+            rows.append([shape, "mlx-lm 0.32.2", f"{statistics.median(tps[1:]):.1f}", f"max {max(tps):.1f}"])
+            log({"phase": "decode", "shape": shape, "variant": "mlx-lm", "tps": tps})
             del model
         except Exception as e:  # the engine's numbers still count without the reference
             rows.append([shape, "mlx-lm", "error", f"{type(e).__name__}: {e}"[:60]])
         stage = load_stage(path)
-        for name in ("engine", "engine+q4", "engine+wired", "engine+fused") if enabled else ("engine",):
-            variant(name)
-            best, out_ids = 0.0, None
-            for _ in range(2):
+        names = ("engine", "engine+q4", "engine+wired", "engine+fused") if enabled else ("engine",)
+        tps, ids = {n: [] for n in names}, {}
+        for _ in range(4):   # variants interleaved, so that a slow spell of the host hits them alike
+            for name in names:
+                variant(name)
                 t = Timings()
-                ids = list(generate_ids(stage, prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
-                                        timings=t))
-                best = max(best, t.decode_tps)
-                out_ids = out_ids or ids
-            same = "" if name == "engine" else ("same tokens" if out_ids == base_ids else "tokens differ")
-            if name == "engine":
-                base_ids = out_ids
-            rows.append([shape, name, f"{best:.1f}", same])
-            log({"phase": "decode", "shape": shape, "variant": name, "tps": best, "note": same})
+                ids[name] = list(generate_ids(stage, prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
+                                              timings=t))
+                tps[name].append(t.decode_tps)
+        for name in names:
+            same = "" if name == "engine" else ("same tokens" if ids[name] == ids["engine"] else "tokens differ")
+            rows.append([shape, name, f"{statistics.median(tps[name][1:]):.1f}", f"max {max(tps[name]):.1f} {same}"])
+            log({"phase": "decode", "shape": shape, "variant": name, "tps": tps[name], "note": same})
         variant("engine+wired")
         del stage
-    print(f"decode tok/s, greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
+    print(f"decode tok/s (median of runs 2-4), greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
     print(table(rows, ["model", "variant", "tok/s", "note"]))
 
 

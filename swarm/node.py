@@ -37,7 +37,7 @@ from swarm.model.tokenizer import Tokenizer
 from swarm.pipeline import StageRunner, SwarmError, deliver, fail_requests, request_tokens
 from swarm.placement import ModelCost, NodeOffer, Plan, PlacementError, kv_bytes_per_layer, make_plan, plan_from_topology
 from swarm.shards import ModelProfile, cache_root, profile_model
-from swarm.shardserve import ShardServer, _fetch_side_file, fetch_shard
+from swarm.shardserve import ShardServer, fetch_shard, fetch_side_file
 from topology import TopologyError, TopologyIssue, format_size, parse as parse_topology
 
 log = logging.getLogger("swarm.node")
@@ -448,7 +448,7 @@ class Node:
             try:
                 for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
                     if not (folder / name).exists():
-                        await _fetch_side_file(self._http, base, f"/shards/{meta['model']}/files/{name}",
+                        await fetch_side_file(self._http, base, f"/shards/{meta['model']}/files/{name}",
                                                folder / name, self.config.cluster_key, timeout)
                 return await asyncio.to_thread(load_tokenizer, folder)
             except Exception as e:

@@ -78,19 +78,20 @@ class ModelProfile:
         return sum(t.nbytes for t in stage_tensors(self, start, end, first, last))
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The weight files of a checkpoint folder, and the index's tensor -> file map ({} without an index)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_bytes())["weight_map"]
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(map(str, weight_map.values())))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ShardError(f"{index}: not a safetensors index ({e})") from None
         if any(Path(n).name != n for n in names):
             raise ShardError(f"{index}: weight files must be in the model folder: {names}")
-        return [folder / n for n in names]
+        return [folder / n for n in names], weight_map
     if (folder / SHARD_FILE).exists():
-        return [folder / SHARD_FILE]
+        return [folder / SHARD_FILE], {}
     raise ShardError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
 
 
@@ -138,8 +139,9 @@ def profile_model(model_dir: str | os.PathLike) -> ModelProfile:
 
     tensors: dict[str, TensorInfo] = {}
     metadata: dict = {}
+    files, weight_map = _weight_files(folder)
     try:
-        for i, path in enumerate(_weight_files(folder)):
+        for i, path in enumerate(files):
             file_tensors, file_meta = read_header(path)
             if i == 0:
                 metadata = file_meta
@@ -152,6 +154,10 @@ def profile_model(model_dir: str | os.PathLike) -> ModelProfile:
         raise ShardError(str(e)) from None
     except OSError as e:
         raise ShardError(f"{folder}: cannot read a weight file ({e})") from None
+
+    for name, file in weight_map.items():
+        if name not in tensors or Path(tensors[name].file).name != file:
+            raise ShardError(f"{folder / file}: tensor {name!r} listed in model.safetensors.index.json is not in the file")
 
     layers: dict[int, list[TensorInfo]] = {}
     groups: dict[str, list[TensorInfo]] = {"embed": [], "norm": [], "head": []}

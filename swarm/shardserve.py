@@ -280,8 +280,12 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
     return h.hexdigest(), have, side_files
 
 
-async def _fetch_side_file(session, base_url, url_path, dest: Path, key, timeout) -> bool:
-    async with session.get(base_url + url_path, headers=sign_request(key, "GET", url_path), timeout=timeout) as response:
+async def fetch_side_file(session: aiohttp.ClientSession, base_url: str, url_path: str, dest: Path, key: str | None,
+                          timeout: aiohttp.ClientTimeout | None = None) -> bool:
+    """GET one side file (url_path = /shards/<hash>/files/<name>) into dest, checked against its sha256 ETag;
+    False when the source does not have it."""
+    options = {"timeout": timeout} if timeout is not None else {}
+    async with session.get(base_url + url_path, headers=sign_request(key, "GET", url_path), **options) as response:
         if response.status == 404:
             return False
         if response.status != 200:
@@ -293,6 +297,8 @@ async def _fetch_side_file(session, base_url, url_path, dest: Path, key, timeout
             raise ShardError(f"{base_url}{url_path}: corrupt transfer (sha256 does not match the ETag)")
     dest.write_bytes(data)
     return True
+
+
 
 
 async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash: str, start: int, end: int,
@@ -337,7 +343,7 @@ async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash:
 
     try:
         for name in ["config.json"] + [n for n in side_files if n in SIDE_FILES and n != "config.json"]:
-            if not await _fetch_side_file(session, base_url, f"/shards/{model_hash}/files/{name}", staging / name,
+            if not await fetch_side_file(session, base_url, f"/shards/{model_hash}/files/{name}", staging / name,
                                           key, timeout) and name == "config.json":
                 raise ShardError(f"{base_url}: the source has no config.json for model {model_hash}")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:

@@ -57,7 +57,7 @@ def test_failed_demo_conversion_leaves_nothing(cache, tmp_path, monkeypatch):
 
 
 def test_demo_defaults_to_shared_folder_beside_repo(cache):
-    assert source.demo_source() == SRC.resolve()
+    assert source.demo_source().resolve() == SRC.resolve()
 
 
 def test_demo_download_checks_sha256(tmp_path):
