@@ -17,6 +17,11 @@ from typing import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+try:
+    from asyncio import timeout as send_deadline   # Python 3.11+
+except ImportError:
+    from async_timeout import timeout as send_deadline  # aiohttp's own dependency before 3.11
+
 from swarm import auth
 from swarm.protocol import MAX_FRAME_BYTES, ProtocolError, close_with_error, encode_frame, recv_frame, send_frame
 
@@ -98,7 +103,8 @@ class Membership:
         try:
             # a link whose cable is pulled gets no ACKs: once the socket buffers fill, send_bytes waits
             # forever, and with it whatever sends (the stage runner, the heartbeats)
-            await asyncio.wait_for(peer.link.send_bytes(encode_frame(frame)), SEND_TIMEOUT_S)
+            async with send_deadline(SEND_TIMEOUT_S):  # no task, no extra turn of the loop per frame
+                await peer.link.send_bytes(encode_frame(frame))
         except asyncio.TimeoutError:
             self.drop(node_id, f"a frame waited {SEND_TIMEOUT_S} s to be sent")
             raise PeerGone(f"peer {node_id} takes no frames") from None

@@ -356,8 +356,8 @@ class Node:
                    for p in self.members.peers.values() if p.info.get("model") == self.model_hash]}
         log.info("plan epoch %d: %s", epoch, ", ".join(f"{self._name_of(s.node_id)} [{s.start}, {s.end})" for s in plan.stages))
         self.acks = set()
+        self._adopt_plan(epoch, meta)  # first: acks may come back while the broadcast is still going
         await self.members.broadcast({"t": "plan", "epoch": epoch, "plan": meta})
-        self._adopt_plan(epoch, meta)
         return plan
 
     def _on_ack(self, frame: dict) -> None:

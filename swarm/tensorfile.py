@@ -44,8 +44,8 @@ def parse_header(raw: bytes, file: str, data_start: int, file_size: int | None =
     """Validate a header's JSON bytes; returns tensors by name (file order) and the metadata."""
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorFileError(f"{file}: header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # also: nesting too deep, an int of over 4300 digits
+        raise TensorFileError(f"{file}: header is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise TensorFileError(f"{file}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

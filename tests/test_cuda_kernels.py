@@ -86,13 +86,15 @@ def test_fused_helpers_decline_layers_they_cannot_take():
     with_bias = Linear(w, mx.zeros((64,), mx.float16), scales=s, biases=b, group_size=64, bits=4)
     w32, s32, b32 = layer(64, 256, gs=32)
     other_group = Linear(w32, scales=s32, biases=b32, group_size=32, bits=4)
-    assert cuda_q4.fused_swiglu(x, q4, q8) is None
-    assert cuda_q4.fused_swiglu(x, dense, q4) is None
-    assert cuda_q4.fused_swiglu(x, q4, with_bias) is None
-    assert cuda_q4.fused_swiglu(x, q4, other_group) is None
-    assert cuda_q4.fused_qkv(x, q4, q4, other_group) is None
-    assert cuda_q4.fused_qkv(x, with_bias, q4, q4) is None    # bias on some of q/k/v only
-    assert cuda_q4.fused_qkv(mx.ones((1, 256), mx.float32), q4, q4, q4) is None
+    assert cuda_q4.fused_swiglu(x, q4, q8, min_weights=0) is None
+    assert cuda_q4.fused_swiglu(x, dense, q4, min_weights=0) is None
+    assert cuda_q4.fused_swiglu(x, q4, with_bias, min_weights=0) is None
+    assert cuda_q4.fused_swiglu(x, q4, other_group, min_weights=0) is None
+    assert cuda_q4.fused_qkv(x, q4, q4, other_group, min_weights=0) is None
+    assert cuda_q4.fused_qkv(x, with_bias, q4, q4, min_weights=0) is None    # bias on some of q/k/v only
+    assert cuda_q4.fused_qkv(mx.ones((1, 256), mx.float32), q4, q4, q4, min_weights=0) is None
+    assert cuda_q4.fused_swiglu(x, q4, q4) is None           # 16K weights: MLX's unfused ops are cheaper
+    assert cuda_q4.fused_qkv(x, q4, q4, q4) is None
 
 
 @pytest.mark.parametrize("n,k,m", [(896, 896, 1), (128, 896, 8), (4864, 896, 1), (3584, 18944, 1),

@@ -196,6 +196,8 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         raise TopologyError([TopologyIssue(line, f"YAML syntax error: {e.problem or e}{where}")], source) from None
     except yaml.YAMLError as e:
         raise TopologyError([TopologyIssue(None, f"YAML error: {e}")], source) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise TopologyError([TopologyIssue(None, "YAML nested too deeply for a topology")], source) from None
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
         raise TopologyError([TopologyIssue(1, "empty topology: expected node names with host and layers")], source)
     if not isinstance(root, yaml.MappingNode):

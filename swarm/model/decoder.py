@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from kernels import cuda_q4
 from kernels.linear import Linear, compute_dtype
 from swarm.model.checkpoint import read_tensor, stored_float_dtype, tensor_index
 from swarm.model.config import ModelConfig, ModelError
@@ -91,9 +92,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)      # (B, L, heads, head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)   # (B, L, kv_heads, head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        fused = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj) if cuda_q4.enabled() else None
+        q, k, v = fused if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.reshape(B, L, self.n_heads, self.head_dim)      # (B, L, heads, head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)   # (B, L, kv_heads, head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q = mx.fast.rms_norm(q, self.q_norm, self.eps)
             k = mx.fast.rms_norm(k, self.k_norm, self.eps)
@@ -111,7 +114,10 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = cuda_q4.fused_swiglu(x, self.gate_proj, self.up_proj) if cuda_q4.enabled() else None
+        if h is None:
+            h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
