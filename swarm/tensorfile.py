@@ -57,7 +57,7 @@ def parse_header(raw: bytes, file: str, data_start: int, file_size: int | None =
         if not isinstance(entry, dict):
             raise TensorFileError(f"{where}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise TensorFileError(f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise TensorFileError(f"{where}: bad shape {shape!r}")

@@ -1,0 +1,375 @@
+"""Fuzzing what strangers and files feed the daemon: peer frames (live), topology YAML, safetensors headers.
+
+- A running daemon gets random and mutated CBOR frames on /peer, before the handshake (as a stranger)
+  and after it (as a peer holding the key): each connection is closed or the frame ignored, and the
+  daemon lives on, answers /api/swarm, lists no stranger and gives the same answer as before.
+- A websocket frame header that declares 1 GiB is refused on the header, before any payload is read.
+- topology.parse on random text, random YAML and mutated examples: only TopologyError escapes.
+- tensorfile.parse_header / read_header on random bytes and random JSON headers: only TensorFileError
+  escapes, and a header that parses describes tensors inside the file; a header declaring 2**60 bytes
+  (or more than the file holds) is refused before it is read.
+- atheris (coverage-guided, where it is installed) on the same three entry points, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import aiohttp
+import cbor2
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from swarm import auth
+from swarm.protocol import MAX_FRAME_BYTES, SCHEMAS, decode_frame, encode_frame
+from swarm.tensorfile import DTYPE_BYTES, MAX_HEADER_BYTES, TensorFileError, parse_header, read_header
+from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, wait_ready
+from tests.test_protocol import VALID
+from topology import TopologyError, parse as parse_topology
+
+PROMPT = [1, 403, 407, 261, 378]
+# what an unhandled exception in the daemon leaves in its log
+ESCAPES = ("Task exception was never retrieved", "Error handling request", "Exception in callback",
+           "Unhandled exception")
+
+# ---------------------------------------------------------------------------------------------------
+# strategies
+
+scalars = st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=12)
+cbor_values = st.recursive(scalars | st.binary(max_size=16),
+                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                           max_leaves=12)
+uint = st.integers(0, 4) | st.integers(0, 2**63 - 1)   # small ones meet the daemon's epochs and positions
+
+
+@st.composite
+def tensors(draw):
+    dtype = draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+    shape = draw(st.lists(st.integers(0, 70), min_size=1, max_size=3))
+    count = 1
+    for n in shape:
+        count *= n
+    return {"dtype": dtype, "shape": shape, "data": draw(st.binary(min_size=count * (4 if dtype == "float32" else 2),
+                                                                    max_size=count * (4 if dtype == "float32" else 2)))}
+
+
+KIND_VALUES = {
+    "str": st.text(max_size=12), "uint": uint, "float": st.floats(allow_nan=False, allow_infinity=False),
+    "bool": st.booleans(), "bytes": st.binary(max_size=40),
+    "map": st.dictionaries(st.text(max_size=8), cbor_values, max_size=4),
+    "maps": st.lists(st.dictionaries(st.text(max_size=8), cbor_values, max_size=3), max_size=3),
+    "uints": st.lists(uint, min_size=1, max_size=8), "tensor": tensors(),
+}
+
+
+def _valid_of(t: str):
+    required, optional = SCHEMAS[t]
+    return st.fixed_dictionaries({"t": st.just(t), **{f: KIND_VALUES[k] for f, k in required.items()}},
+                                 optional={f: KIND_VALUES[k] for f, k in optional.items()})
+
+
+# frames that pass the schema, with any values of the right kinds: they reach the node's handlers
+schema_valid = st.one_of([_valid_of(t) for t in sorted(SCHEMAS)]).filter(
+    lambda m: m["t"] != "forward" or ("hidden" in m) != ("tokens" in m)).map(cbor2.dumps)
+
+
+@st.composite
+def mutated(draw, frames: list[bytes]):
+    frame = bytearray(draw(st.sampled_from(frames)))
+    for _ in range(draw(st.integers(1, 4))):
+        op, i = draw(st.sampled_from(["flip", "set", "cut", "insert"])), draw(st.integers(0, max(len(frame) - 1, 0)))
+        if op == "flip" and frame:
+            frame[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and frame:
+            frame[i] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del frame[i:]
+        else:
+            frame[i:i] = draw(st.binary(min_size=1, max_size=9))
+    return bytes(frame)
+
+
+VALID_FRAMES = [encode_frame(m) for m in VALID]
+peer_frames = st.binary(max_size=300) | mutated(VALID_FRAMES) | schema_valid | st.text(max_size=50)
+
+# ---------------------------------------------------------------------------------------------------
+# the live daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    key = uuid.uuid4().hex
+    d = Daemon("a", "127.0.0.1", free_port(), ["--model", "demo", "--memory-budget", "2MB", "--max-context", "256",
+                                                "--speed", "1", "--cluster-key", key, "--no-mdns",
+                                                "--cache-dir", str(tmp / "a")],
+               tmp, {"XDG_CACHE_HOME": str(tmp / "xdg")})
+    try:
+        wait_ready([d], nodes=1)
+        before = chat_ws(d.url, {"prompt_ids": PROMPT, "max_tokens": 20})["done"]["token_ids"]
+        yield d, key, before
+    finally:
+        d.stop()
+
+
+async def _handshake(ws, key: str, node_id: str) -> None:
+    hello = decode_frame((await ws.receive(timeout=5)).data)
+    mine = auth.new_challenge()
+    await ws.send_bytes(encode_frame({"t": "auth", "node_id": node_id, "challenge": mine,
+                                      "response": auth.respond(key, hello["challenge"], node_id),
+                                      "info": {"name": "fuzzer", "addr": "127.0.0.1", "port": 9}}))
+    welcome = decode_frame((await ws.receive(timeout=5)).data)
+    assert welcome["t"] == "welcome" and auth.check(key, mine, hello["node_id"], welcome["response"])
+
+
+def _send_to_peer_socket(url: str, frame: bytes | str, key: str | None) -> None:
+    """One connection: (handshake,) the frame, then a moment for the daemon to act on it or close."""
+    async def run():
+        async with aiohttp.ClientSession() as http, http.ws_connect(url + "/peer") as ws:
+            if key is None:
+                await ws.receive(timeout=5)  # the hello; we answer with the fuzz frame instead of auth
+            else:
+                await _handshake(ws, key, "fuzz-" + uuid.uuid4().hex[:8])
+            await (ws.send_str(frame) if isinstance(frame, str) else ws.send_bytes(frame))
+            try:
+                while (await ws.receive(timeout=0.05)).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    pass
+            except asyncio.TimeoutError:
+                pass  # the frame was taken: the link stays up until we close it
+    asyncio.run(run())
+
+
+FUZZ_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                         database=None)
+
+
+@FUZZ_SETTINGS
+@given(frame=peer_frames)
+def test_frames_before_the_handshake_never_hurt_the_daemon(daemon, frame):
+    d, _, _ = daemon
+    _send_to_peer_socket(d.url, frame, None)
+    assert d.proc.poll() is None
+
+
+@FUZZ_SETTINGS
+@given(frame=peer_frames)
+def test_frames_after_the_handshake_never_hurt_the_daemon(daemon, frame):
+    d, key, _ = daemon
+    _send_to_peer_socket(d.url, frame, key)
+    assert d.proc.poll() is None
+
+
+def test_an_oversized_frame_is_refused_on_its_header(daemon):
+    """A binary frame declaring 1 GiB, of which no byte is sent: the daemon closes with 1009 at once."""
+    d, _, _ = daemon
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET /peer HTTP/1.1\r\nHost: {d.host}:{d.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        s.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 1 << 30) + os.urandom(4))  # FIN|binary, masked
+        rest, got = head.split(b"\r\n\r\n", 1)[1], b""
+        while True:  # the hello, then the close frame (opcode 8) with code 1009 (message too big)
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    close = got[got.rfind(b"\x88"):] if b"\x88" in got else b""
+    assert close[:1] == b"\x88" and struct.unpack(">H", close[2:4])[0] == 1009, (rest + got)[-200:]
+    assert 1 << 30 > MAX_FRAME_BYTES
+    assert d.proc.poll() is None
+
+
+def test_the_daemon_still_serves_after_the_fuzzing(daemon):
+    d, _, before = daemon
+    assert d.proc.poll() is None
+    state = wait_ready([d], nodes=1, timeout=30)[0]  # every fuzzing peer is gone
+    assert [n["name"] for n in state["nodes"]] == ["a"] and state["source_present"]
+    assert chat_ws(d.url, {"prompt_ids": PROMPT, "max_tokens": 20})["done"]["token_ids"] == before
+    log = d.log()
+    assert "refused a peer" in log and "malformed frame" in log  # the fuzzing reached both stages
+    assert not [line for line in log.splitlines() if line.startswith(ESCAPES)], log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# topology YAML
+
+EXAMPLES = [p.read_text() for p in sorted((REPO / "topology" / "examples").glob("*.yaml"))]
+yaml_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                           max_leaves=15)
+layer_text = st.builds(lambda a, b, sep: f"model.layers.{a}{sep}{b}", st.integers(-3, 10**6), st.integers(-3, 10**6),
+                       st.sampled_from(["-", "--", "", ".."]))
+topology_like = st.dictionaries(
+    st.text(min_size=1, max_size=8),
+    st.fixed_dictionaries({}, optional={"host": yaml_values, "layers": st.lists(layer_text | yaml_values, max_size=3),
+                                        "memory_budget": st.text(max_size=8) | st.integers(), "extra": yaml_values})
+    | yaml_values, max_size=4)
+
+
+def _parse_or_refuse(text: str) -> None:
+    try:
+        topo = parse_topology(text)
+    except TopologyError:
+        return
+    for node in topo.nodes.values():
+        assert all(0 <= a < b for a, b in node.layers), node
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_random_text_is_a_topology_or_a_topology_error(text):
+    _parse_or_refuse(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(yaml_values | topology_like | st.fixed_dictionaries({"nodes": topology_like}, optional={"model": yaml_values}))
+def test_random_yaml_is_a_topology_or_a_topology_error(value):
+    _parse_or_refuse(yaml.safe_dump(value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutated([e.encode() for e in EXAMPLES]))
+def test_mutated_examples_are_topologies_or_topology_errors(data):
+    _parse_or_refuse(data.decode("utf-8", "replace"))
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, "a: " + "[" * 3000, "{a: " * 3000, "- " * 3000,
+                                  "a: &x [1]\nb: *x\n", "a: !!python/object:os.system {}\n", "\x00\x01"])
+def test_hostile_yaml_is_a_topology_error(text):
+    with pytest.raises(TopologyError):
+        parse_topology(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors headers
+
+entries = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(sorted(DTYPE_BYTES)) | yaml_values,
+    "shape": st.lists(st.integers(-2, 2**40), max_size=3) | yaml_values,
+    "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3) | yaml_values})
+headers = st.dictionaries(st.text(max_size=6) | st.just("__metadata__"), entries | yaml_values, max_size=4)
+
+
+def _header_or_refusal(raw: bytes, file_size: int) -> None:
+    try:
+        tensors, metadata = parse_header(raw, "f.safetensors", 8 + len(raw), file_size)
+    except TensorFileError:
+        return
+    assert isinstance(metadata, dict)
+    for t in tensors.values():
+        assert 8 + len(raw) <= t.start <= t.end <= file_size
+        count = 1
+        for n in t.shape:
+            count *= n
+        assert t.nbytes == count * DTYPE_BYTES[t.dtype]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_header_bytes_give_only_tensor_file_error(raw):
+    _header_or_refusal(raw, 1 << 20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers, st.integers(0, 1 << 41))
+def test_random_json_headers_give_only_tensor_file_error(header, size):
+    raw = json.dumps(header).encode()
+    _header_or_refusal(raw, 8 + len(raw) + size)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100000, b'{"a": ' + b"1" * 5000 + b"}",
+                                 b'{"a": {"dtype": [], "shape": [1], "data_offsets": [0, 4]}}',
+                                 b'{"a": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}}'])
+def test_hostile_json_headers_are_tensor_file_errors(raw):
+    with pytest.raises(TensorFileError):
+        parse_header(raw, "f.safetensors", 8 + len(raw), 1 << 20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_files_give_only_tensor_file_error(data):
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        try:
+            read_header(f.name)
+        except TensorFileError:
+            pass
+
+
+@pytest.mark.parametrize("declared, file_size", [(2**60, 100), (2**64 - 1, 100), (MAX_HEADER_BYTES + 1, 200 << 20),
+                                                 (50 << 20, 1024)])
+def test_impossible_header_lengths_are_refused_before_reading(tmp_path, declared, file_size):
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", declared) + b"{}")
+        f.truncate(file_size)  # sparse: a large file costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorFileError, match="header length"):
+            read_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated: the header was read"
+
+
+# ---------------------------------------------------------------------------------------------------
+# atheris: coverage-guided, on the same entry points
+
+ATHERIS = """
+import sys, atheris
+import aiohttp, mlx.core, numpy  # imported before instrumenting: not ours, and slow to instrument
+with atheris.instrument_imports():
+    from swarm.protocol import ProtocolError, decode_frame
+    from swarm.tensorfile import TensorFileError, parse_header
+    from topology import TopologyError, parse
+
+def one(data):
+    for call, allowed in ((lambda: decode_frame(data), ProtocolError),
+                          (lambda: parse_header(data, "f", 8 + len(data), 1 << 20), TensorFileError),
+                          (lambda: parse(data.decode("utf-8", "replace")), TopologyError)):
+        try:
+            call()
+        except allowed:
+            pass
+
+atheris.Setup([sys.argv[0], "-runs=%d", "-seed=1", "-max_len=512", sys.argv[1]], one)
+atheris.Fuzz()
+"""
+
+RUNS = 6000
+
+
+def test_atheris_finds_nothing(tmp_path):
+    """RUNS coverage-guided runs (about 15 s) from a corpus of valid frames, example topologies and a
+    real safetensors header; libFuzzer stops with a non-zero status on the first escaped exception."""
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    model = next((REPO.parent / "shared" / "fixtures" / "tiny-qwen2-4bit").glob("*.safetensors"))
+    with open(model, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        seeds = VALID_FRAMES + [e.encode()[:512] for e in EXAMPLES] + [f.read(min(n, 512))]
+    for i, seed in enumerate(seeds):
+        (corpus / f"seed{i}").write_bytes(seed)
+    out = subprocess.run([sys.executable, "-c", ATHERIS % RUNS, str(corpus)], capture_output=True, text=True, cwd=REPO,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Done {RUNS} runs" in out.stderr, out.stderr[-2000:]
