@@ -88,7 +88,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
                 raise TensorFileError(f"{file}: too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise TensorFileError(f"{file}: header length {n} is impossible for a file of {size} bytes")
+                raise TensorFileError(f"{file}: header length {n} is impossible for a file of {size} bytes "
+                                      "(truncated, or not safetensors)")
             raw = f.read(n)
     except OSError as e:
         raise TensorFileError(f"{file}: cannot read ({e.strerror})") from None

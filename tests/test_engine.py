@@ -207,3 +207,17 @@ def test_bad_offsets(tmp_path):
     rewrite_header(folder, change)
     with pytest.raises(ModelError, match=r"tensor 'lm_head\.scales'"):
         load_stage(folder)
+
+
+def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    folder = copy_fixture(tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", str(folder), "--prompt-ids", "1,2,3"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 2
+    assert "cake-swarm: error:" in out.stderr and "model.safetensors" in out.stderr and "truncated" in out.stderr
+    assert "Traceback" not in out.stderr
