@@ -34,7 +34,7 @@ from swarm.model.decoder import Stage, load_stage
 from swarm.model.generate import TextStream, Timings
 from swarm.model.sampling import SamplingParams
 from swarm.model.tokenizer import Tokenizer
-from swarm.pipeline import StageRunner, SwarmError, deliver, fail_requests, request_tokens
+from swarm.pipeline import StageRunner, SwarmError, deliver, fail_requests, fail_stale_requests, request_tokens
 from swarm.placement import ModelCost, NodeOffer, Plan, PlacementError, kv_bytes_per_layer, make_plan, plan_from_topology
 from swarm.shards import ModelProfile, cache_root, profile_model
 from swarm.shardserve import ShardServer, fetch_shard, fetch_side_file
@@ -354,6 +354,14 @@ class Node:
                 "sources": [{"node_id": self.id, "addr": self.addr, "port": self.config.port}]
                 + [{"node_id": p.node_id, "addr": p.addr, "port": p.port}
                    for p in self.members.peers.values() if p.info.get("model") == self.model_hash]}
+        if (topology_text is None and self.ready and self.plan is not None and plan.stages == self.plan.stages
+                and self.plan_meta.get("coordinator") == self.id):
+            # nothing moves (a spare came or went): a new epoch would end every session in flight, so the
+            # epoch in force stays and is only told again, to newcomers
+            meta = {**meta, "ready": True}
+            self._adopt_plan(self.epoch, meta)
+            await self.members.broadcast({"t": "plan", "epoch": self.epoch, "plan": meta})
+            return plan
         log.info("plan epoch %d: %s", epoch, ", ".join(f"{self._name_of(s.node_id)} [{s.start}, {s.end})" for s in plan.stages))
         self.acks = set()
         self._adopt_plan(epoch, meta)  # first: acks may come back while the broadcast is still going
@@ -389,6 +397,7 @@ class Node:
         self.plan, self.plan_meta, self.epoch, self.ready = plan, dict(meta), epoch, bool(meta.get("ready"))
         if new_epoch:
             self.runner.drop_all(f"plan epoch {epoch}")
+            fail_stale_requests(self, epoch)
             if self._apply_task is not None and not self._apply_task.done():
                 self._apply_task.cancel()
             self._apply_task = self._spawn(self._apply_plan(epoch))

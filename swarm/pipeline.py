@@ -130,14 +130,24 @@ class StageRunner:
             return  # ended, or a late frame of a session this node never had
         session.touched = time.monotonic()
         node, stage = self.node, self.node.stage
+        # the plan of this frame's epoch, held across the awaits below: a new epoch may come meanwhile
+        plan, mine = node.plan, node.plan_stage
         if frame["epoch"] != node.epoch or stage is None:
             raise SwarmError(f"plan epoch {frame['epoch']} is no longer in force (now {node.epoch})")
-        if frame["t"] == "token":
-            x, more = mx.array([[frame["token"]]], dtype=mx.int32), False
-        elif "tokens" in frame:
-            x, more = mx.array([frame["tokens"]], dtype=mx.int32), bool(frame.get("more"))
+        if mine is None or (mine.start, mine.end) != (stage.spec.start, stage.spec.end):
+            raise SwarmError(f"this node is still loading its stage of plan epoch {node.epoch}")
+        ids = [frame["token"]] if frame["t"] == "token" else frame.get("tokens")
+        if (ids is not None) != stage.spec.first:
+            raise SwarmError(f"this stage takes {'token ids' if stage.spec.first else 'hidden states'}", 400)
+        if ids is not None:
+            # MLX does not check indices: an id past the embedding reads out of bounds (a crash at best)
+            if not all(0 <= t < stage.cfg.vocab_size for t in ids):
+                raise SwarmError(f"token ids must be in [0, {stage.cfg.vocab_size})", 400)
+            x, more = mx.array([ids], dtype=mx.int32), bool(frame.get("more"))
         else:
             x, more = decode_tensor(frame["hidden"]), bool(frame.get("more"))
+            if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != stage.cfg.hidden_size:
+                raise SwarmError(f"hidden states of shape {tuple(x.shape)} for hidden size {stage.cfg.hidden_size}", 400)
         pos, cache = frame["pos"], session.cache
         if cache[0].offset != pos:
             raise SwarmError(f"session {frame['session']}: expected position {cache[0].offset}, got {pos}")
@@ -147,7 +157,7 @@ class StageRunner:
                    "origin": session.origin, "hidden": encode_tensor(hidden, node.wire_dtype), "more": more}
             if "sampling" in frame:
                 out["sampling"] = frame["sampling"]
-            await node.send(node.plan.stages[node.plan.stages.index(node.plan_stage) + 1].node_id, out)
+            await node.send(plan.stages[plan.stages.index(mine) + 1].node_id, out)
             return
         if more:
             await node.compute(lambda: _evaluated(stage(x, cache)))
@@ -158,7 +168,7 @@ class StageRunner:
         done = token in session.eos or session.step >= session.budget
         out = {"t": "token", "session": frame["session"], "epoch": frame["epoch"], "pos": pos + x.shape[1],
                "token": token, "done": done, "step": session.step, "origin": session.origin}
-        first = node.plan.stages[0].node_id
+        first = plan.stages[0].node_id
         if done:
             self.end(frame["session"])
         for target in dict.fromkeys([session.origin] + ([first] if not done else [])):
@@ -221,6 +231,13 @@ def deliver(node: "Node", frame: dict) -> None:
         node.runner.end(sid)
     elif t == "error" and request is not None:
         request.queue.put_nowait(("error", frame["message"], True))
+
+
+def fail_stale_requests(node: "Node", epoch: int) -> None:
+    """Requests of an older plan fail now: a new epoch ended their sessions on every stage."""
+    for request in list(node.requests.values()):
+        if request.epoch != epoch:
+            request.queue.put_nowait(("error", f"the swarm changed its plan (epoch {epoch}) mid-request", True))
 
 
 def fail_requests(node: "Node", dead_node: str, why: str) -> None:

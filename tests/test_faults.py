@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 from swarm import auth
 from swarm.protocol import decode_frame, encode_frame
-from tests.swarm_harness import Daemon, chat_ws, free_port, get_json, wait_for, wait_ready
+from tests.swarm_harness import Daemon, chat_ws, free_port, wait_for, wait_ready
 from tests.test_swarm import single_node_ids
 
 BUDGET = "300000"                 # two demo layers (+ KV for --max-context 256, + embedding or head) per node
@@ -159,6 +160,35 @@ def test_middle_stage_killed_mid_stream(swarm):
     assert shard_files(swarm.tmp_path / "b") == cached  # the same file: not downloaded again
     assert b.state()["nodes"][0]["state"] == "loaded"
     assert chat_ws(b.url, {"prompt_ids": PROMPT, "max_tokens": LONG})["done"]["token_ids"] == expected
+
+
+def test_plan_changes_mid_stream(swarm):
+    """The spare leaving and coming back moves no layer: the epoch stays and a stream in flight goes on.
+    A new epoch (here the plan in force applied again as a topology) ends a stream in flight at once."""
+    a, b, c, d = (swarm.start(n, s) for n, s in (("a", "4"), ("b", "3"), ("c", "2"), ("d", "1")))
+    epoch = wait_ready([a, b, c, d], nodes=4)[0]["epoch"]
+    expected = swarm.expected(LONG)
+
+    result = chat_with_fault(a.url, {"prompt_ids": PROMPT, "max_tokens": LONG}, lambda: d.stop(signal.SIGKILL),
+                             within=60)
+    assert result["end"]["type"] == "done" and result["end"]["token_ids"] == expected, result
+    d = swarm.start("d", "1", port=d.port)
+    states = wait_ready([a, b, c, d], nodes=4)
+    assert {s["epoch"] for s in states} == {epoch}
+
+    def reapply():
+        with urllib.request.urlopen(a.url + "/api/topology", timeout=5) as r:
+            yaml_text = r.read()
+        request = urllib.request.Request(a.url + "/api/topology", data=yaml_text, method="PUT",
+                                         headers={"Content-Type": "application/yaml"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert json.loads(r.read())["epoch"] > epoch
+
+    result = chat_with_fault(c.url, {"prompt_ids": PROMPT, "max_tokens": LONG}, reapply)
+    assert result["end"]["type"] == "error" and "changed its plan" in result["end"]["message"], result
+    print(f"\nnew epoch: error frame {result['after_s']:.3f} s after the topology was applied")
+    wait_ready([a, b, c, d], nodes=4)
+    assert chat_ws(c.url, {"prompt_ids": PROMPT, "max_tokens": LONG})["done"]["token_ids"] == expected
 
 
 def test_source_gone(swarm):

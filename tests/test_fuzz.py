@@ -24,7 +24,6 @@ import sys
 import tempfile
 import tracemalloc
 import uuid
-from pathlib import Path
 
 import aiohttp
 import cbor2
@@ -104,6 +103,34 @@ def mutated(draw, frames: list[bytes]):
 VALID_FRAMES = [encode_frame(m) for m in VALID]
 peer_frames = st.binary(max_size=300) | mutated(VALID_FRAMES) | schema_valid | st.text(max_size=50)
 
+# pipeline frames aimed at the stage runner: a few session ids, epochs and positions the daemon may be at,
+# token ids on both sides of the vocabulary's end (512), sampling maps with odd values
+small_or_any = st.integers(0, 2) | uint
+number = st.floats() | st.integers(-3, 3) | st.integers(-2**63, 2**64 - 1)
+SANE_SAMPLING = {"temperature": st.sampled_from([0.0, 0.8]), "top_k": st.integers(0, 600), "top_p": st.floats(0.01, 1),
+                 "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.5, 2), "repetition_context": st.integers(0, 99),
+                 "seed": st.integers(-1, 2**63 - 1), "budget": st.integers(0, 30), "eos": st.lists(st.integers(0, 600), max_size=3)}
+sampling_maps = st.one_of(
+    st.fixed_dictionaries(SANE_SAMPLING),
+    st.sampled_from(sorted(SANE_SAMPLING)).flatmap(  # one odd value among sane ones
+        lambda odd: st.fixed_dictionaries({**SANE_SAMPLING, odd: number | cbor_values})),
+    st.dictionaries(st.text(max_size=12), cbor_values, max_size=4))
+sessions = st.sampled_from(["s1", "s2"]) | st.text(max_size=4)
+token_ids = st.integers(0, 600) | uint
+epochs = st.just("now") | small_or_any   # "now": the daemon's epoch when the frame is sent
+forwards = st.fixed_dictionaries(
+    {"t": st.just("forward"), "session": sessions, "epoch": epochs, "pos": st.just(0) | small_or_any,
+     "sampling": sampling_maps}, optional={"origin": st.text(max_size=4), "more": st.booleans()})
+pipeline_frames = st.one_of(
+    forwards.flatmap(lambda m: (st.lists(st.integers(0, 511), max_size=6) | st.lists(token_ids, max_size=6))
+                     .map(lambda ids: {**m, "tokens": ids})),
+    forwards.flatmap(lambda m: tensors().map(lambda h: {**m, "hidden": h})),
+    st.fixed_dictionaries({"t": st.just("token"), "session": sessions, "epoch": epochs, "pos": small_or_any,
+                           "token": token_ids}, optional={"done": st.booleans(), "origin": st.text(max_size=4)}),
+    st.fixed_dictionaries({"t": st.just("end"), "session": sessions}),
+    st.fixed_dictionaries({"t": st.just("error"), "message": st.text(max_size=8), "session": sessions}),
+)
+
 # ---------------------------------------------------------------------------------------------------
 # the live daemon
 
@@ -134,15 +161,16 @@ async def _handshake(ws, key: str, node_id: str) -> None:
     assert welcome["t"] == "welcome" and auth.check(key, mine, hello["node_id"], welcome["response"])
 
 
-def _send_to_peer_socket(url: str, frame: bytes | str, key: str | None) -> None:
-    """One connection: (handshake,) the frame, then a moment for the daemon to act on it or close."""
+def _send_to_peer_socket(url: str, frames: list[bytes | str], key: str | None) -> None:
+    """One connection: (handshake,) the frames, then a moment for the daemon to act on them or close."""
     async def run():
         async with aiohttp.ClientSession() as http, http.ws_connect(url + "/peer") as ws:
             if key is None:
                 await ws.receive(timeout=5)  # the hello; we answer with the fuzz frame instead of auth
             else:
                 await _handshake(ws, key, "fuzz-" + uuid.uuid4().hex[:8])
-            await (ws.send_str(frame) if isinstance(frame, str) else ws.send_bytes(frame))
+            for frame in frames:
+                await (ws.send_str(frame) if isinstance(frame, str) else ws.send_bytes(frame))
             try:
                 while (await ws.receive(timeout=0.05)).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                     pass
@@ -159,7 +187,7 @@ FUZZ_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=
 @given(frame=peer_frames)
 def test_frames_before_the_handshake_never_hurt_the_daemon(daemon, frame):
     d, _, _ = daemon
-    _send_to_peer_socket(d.url, frame, None)
+    _send_to_peer_socket(d.url, [frame], None)
     assert d.proc.poll() is None
 
 
@@ -167,7 +195,28 @@ def test_frames_before_the_handshake_never_hurt_the_daemon(daemon, frame):
 @given(frame=peer_frames)
 def test_frames_after_the_handshake_never_hurt_the_daemon(daemon, frame):
     d, key, _ = daemon
-    _send_to_peer_socket(d.url, frame, key)
+    _send_to_peer_socket(d.url, [frame], key)
+    assert d.proc.poll() is None
+
+
+# a well-formed session opening whose tokens go to the daemon itself ("self"), so that it generates on its own
+# and the frames after it meet a live session with its KV cache
+openings = st.fixed_dictionaries({"t": st.just("forward"), "session": st.just("s1"), "epoch": st.just("now"),
+                                  "origin": st.just("self"),
+                                  "pos": st.just(0), "tokens": st.lists(st.integers(0, 511), min_size=1, max_size=6),
+                                  "sampling": st.fixed_dictionaries(SANE_SAMPLING), "more": st.booleans()})
+
+
+@FUZZ_SETTINGS
+@given(frames=st.tuples(openings, st.lists(pipeline_frames, max_size=4)).map(lambda t: [t[0], *t[1]]))
+def test_pipeline_frames_from_a_peer_never_hurt_the_daemon(daemon, frames):
+    d, key, _ = daemon
+    run = uuid.uuid4().hex[:6]  # sessions of this example only: the daemon ignores ended ones for good
+    state = d.state()
+    now = {"epoch": state["epoch"], "origin": state["node"]["id"]}
+    _send_to_peer_socket(d.url, [encode_frame({**f, "session": run + f["session"]}
+                                              | {k: now[k] for k in now if f.get(k) in ("now", "self")})
+                                 for f in frames], key)
     assert d.proc.poll() is None
 
 

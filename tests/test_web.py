@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.swarm_harness import demo_pair, wait_for, wait_ready
+from tests.swarm_harness import demo_pair, own_sessions, wait_idle, wait_ready
 
 KEY = "web-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,14 +30,6 @@ def swarm(tmp_path_factory):
             d.stop()
 
 
-def own(daemon) -> dict:
-    state = daemon.state()
-    return {"stage_sessions": state["nodes"][0]["sessions"], "requests": state["sessions"]}
-
-
-def wait_idle(daemons) -> None:
-    wait_for(lambda: all(own(d) == {"stage_sessions": 0, "requests": 0} for d in daemons), 30,
-             "every session to be freed on every stage", daemons)
 
 
 async def test_the_api_key_guards_api_sockets_and_dashboard_but_not_peers(swarm):
@@ -139,7 +131,7 @@ async def test_closing_the_chat_socket_mid_answer_frees_every_stage(swarm):
         await ws.send_json({"prompt": "Once upon a time", "max_tokens": 400})
         for _ in range(3):
             assert (await ws.receive_json(timeout=60))["type"] == "token"
-        assert own(a)["requests"] == 1 and own(a)["stage_sessions"] == 1 and own(b)["stage_sessions"] == 1
+        assert own_sessions(a) == {"requests": 1, "stage_sessions": 1} and own_sessions(b)["stage_sessions"] == 1
         await ws.close()
     await asyncio.to_thread(wait_idle, swarm)
 

@@ -46,7 +46,7 @@ def parse_size(text: str | int) -> int:
     if not m or unit is None:
         raise ValueError(f"bad size {text!r}: use bytes or a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
     try:
-        return int(Decimal(m.group(1)) * unit)
+        return round(Decimal(m.group(1)) * unit)
     except InvalidOperation:  # pragma: no cover - the regex admits only decimals
         raise ValueError(f"bad size {text!r}") from None
 
