@@ -121,6 +121,11 @@ def _cmd_status(args) -> int:
         print(f"  {n['name']:<16} {n['addr']}:{n['port']:<6} {n['backend']:<5} budget {format_size(int(n['budget'])):>9} "
               f"used {format_size(int(n.get('used') or 0)):>9}  {layers:<18} {n.get('state', '?'):<8} "
               f"{float(n['speed']):.2f} GB/s{'  (model source)' if n.get('model') else ''}")
+        for layers, d in (n.get("downloads") or {}).items():
+            done, total = int(d["done"]), max(int(d["total"]), 1)
+            bar = "#" * (30 * done // total)
+            print(f"    shard {layers}: [{bar:<30}] {100 * done // total:3d}% {format_size(done)} of {format_size(total)}, "
+                  f"{float(d['rate']) / 1e6:.1f} MB/s")
     return 0
 
 

@@ -53,6 +53,10 @@ def test_three_way_split_equals_one_node(tmp_path, model_name, discovery):
             manifests = list((tmp_path / d.name).glob("shards/*/*/shard.json"))
             assert [(json.loads(m.read_text())["start"], json.loads(m.read_text())["end"]) for m in manifests] == [(start, end)]
 
+        status = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--node", f"127.0.0.1:{daemons[1].port}"],
+                                capture_output=True, text=True, cwd=REPO, timeout=30, check=True).stdout
+        assert "ready, epoch" in status and "shard 2-4: [" + "#" * 30 + "] 100%" in status, status
+
         prompt = [1, 17, 99, 212, 3, 300, 42]
         expected = single_node_ids(model, prompt, 40, {**os.environ, **env})
         for d in daemons:
