@@ -31,16 +31,24 @@ def compute_dtype(checkpoint_dtype: mx.Dtype, on: str | None = None) -> mx.Dtype
 
 
 def quantized_linear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
-                     group_size: int, bits: int) -> mx.array:
-    """x @ dequantize(weight).T; on CUDA, 4-bit with a few rows of x, through kernels.cuda_q4 once its
-    start-up self-check has passed (imported here, so that CPU and Metal runs never touch it)."""
-    if bits == 4:
-        from kernels import cuda_q4
-        if cuda_q4.enabled():
-            y = cuda_q4.q4_matvec(x, weight, scales, biases, group_size)
-            if y is not None:
-                return y
+                     group_size: int, bits: int, fast=None) -> mx.array:
+    """x @ dequantize(weight).T; `fast` (from `matvec_kernel`, chosen once per layer) takes over where it applies."""
+    if fast is not None:
+        y = fast(x, weight, scales, biases, group_size)
+        if y is not None:
+            return y
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def matvec_kernel(weight: mx.array, bits: int):
+    """kernels.cuda_q4's q4 matvec for a layer this large on CUDA once its self-check passed, else None.
+
+    Decided once at load: decode is bound by host time per op, so nothing is looked up per call.
+    """
+    if bits != 4 or backend() != "cuda":
+        return None
+    from kernels import cuda_q4
+    return cuda_q4.q4_matvec if cuda_q4.enabled() and weight.size * 8 >= cuda_q4.FASTER_WEIGHTS else None
 
 
 class Linear(nn.Module):
@@ -55,6 +63,7 @@ class Linear(nn.Module):
         if scales is not None:
             self.scales, self.biases = scales, biases
         self.group_size, self.bits = group_size, bits
+        self.fast = matvec_kernel(weight, bits) if scales is not None else None
 
     @property
     def quantized(self) -> bool:
@@ -62,7 +71,7 @@ class Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.quantized:
-            y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+            y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.fast)
         else:
             y = x @ self.weight.T
         return y + self.bias if "bias" in self else y

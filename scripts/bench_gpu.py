@@ -362,10 +362,9 @@ def profile_table(csv_path: str) -> None:
 # ---------------------------------------------------------------- decode
 
 def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
-    import kernels.linear as linear
+    """tok/s of mlx-lm and of the engine with MLX's kernels and with ours, variants interleaved."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_model import make_model
-    from swarm.model import decoder
     from swarm.model.decoder import load_stage
     from swarm.model.generate import Timings, generate_ids
     from swarm.model.sampling import SamplingParams
@@ -373,45 +372,15 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
     print("card:", card(), flush=True)
     enabled = cuda_q4.enabled()
     print("kernels enabled:", enabled, flush=True)
-    wired_linear, plain_mlp, plain_attn = linear.quantized_linear, decoder.MLP.__call__, decoder.Attention.__call__
 
-    def plain_linear(x, weight, scales, biases, group_size, bits):
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
-
-    def fast_linear(x, weight, scales, biases, group_size, bits):
-        if bits == 4:
-            y = cuda_q4.q4_matvec(x, weight, scales, biases, group_size)
-            if y is not None:
-                return y
-        return plain_linear(x, weight, scales, biases, group_size, bits)
-
-    def fused_mlp(self, x):
-        h = cuda_q4.fused_swiglu(x, self.gate_proj, self.up_proj)
-        return self.down_proj(h if h is not None else nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def fused_attn(self, x, cache):
-        out = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj)
-        if out is None:
-            return plain_attn(self, x, cache)
-        B, L, _ = x.shape
-        q, k, v = out
-        q = q.reshape(B, L, self.n_heads, self.head_dim)
-        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
-        if "q_norm" in self:
-            q = mx.fast.rms_norm(q, self.q_norm, self.eps)
-            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
-                                                 mask="causal" if L > 1 else None)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def variant(name):
-        linear.quantized_linear = {"engine": plain_linear, "engine+q4": fast_linear}.get(name, wired_linear)
-        decoder.MLP.__call__ = fused_mlp if name == "engine+fused" else plain_mlp
-        decoder.Attention.__call__ = fused_attn if name == "engine+fused" else plain_attn
+    def load(name):
+        # "engine": MLX's own kernels only; "engine+fused": as shipped (matvec, SwiGLU and q/k/v kernels).
+        # The engine picks its kernels when a layer is built, so each variant is a stage of its own.
+        cuda_q4._enabled = enabled and name == "engine+fused"
+        try:
+            return load_stage(path)
+        finally:
+            cuda_q4._enabled = enabled
 
     rows = []
     prompt = list(range(1000, 1032))
@@ -436,22 +405,20 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
             del model
         except Exception as e:  # the engine's numbers still count without the reference
             rows.append([shape, "mlx-lm", "error", f"{type(e).__name__}: {e}"[:60]])
-        stage = load_stage(path)
-        names = ("engine", "engine+q4", "engine+wired", "engine+fused") if enabled else ("engine",)
+        names = ("engine", "engine+fused") if enabled else ("engine",)
+        stages = {name: load(name) for name in names}
         tps, ids = {n: [] for n in names}, {}
         for _ in range(4):   # variants interleaved, so that a slow spell of the host hits them alike
             for name in names:
-                variant(name)
                 t = Timings()
-                ids[name] = list(generate_ids(stage, prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
+                ids[name] = list(generate_ids(stages[name], prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
                                               timings=t))
                 tps[name].append(t.decode_tps)
         for name in names:
             same = "" if name == "engine" else ("same tokens" if ids[name] == ids["engine"] else "tokens differ")
             rows.append([shape, name, f"{statistics.median(tps[name][1:]):.1f}", f"max {max(tps[name]):.1f} {same}"])
             log({"phase": "decode", "shape": shape, "variant": name, "tps": tps[name], "note": same})
-        variant("engine+wired")
-        del stage
+        del stages
     print(f"decode tok/s (median of runs 2-4), greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
     print(table(rows, ["model", "variant", "tok/s", "note"]))
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 
 from kernels import cuda_q4
-from kernels.linear import Linear, quantized_linear
+from kernels.linear import Linear, matvec_kernel, quantized_linear
 
 ON_GPU = cuda_q4.on_cuda()
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs MLX's CUDA back-end")
@@ -209,6 +209,8 @@ def test_kernels_match_quantized_matmul(dtype, n, k, m, gs):
 def test_quantized_linear_uses_the_kernel_on_cuda(dtype):
     w, s, b = layer(4096, 2048, 64, dtype, seed=5)
     x = mx.random.normal((1, 1, 2048), key=mx.random.key(6)).astype(dtype)
-    got = quantized_linear(x, w, s, b, 64, 4)
+    fast = matvec_kernel(w, 4)
+    assert fast is cuda_q4.q4_matvec
+    got = quantized_linear(x, w, s, b, 64, 4, fast)
     assert mx.array_equal(got, cuda_q4.q4_matvec(x, w, s, b, 64)).item()
     assert cuda_q4.rel_err(got, cuda_q4.reference(x, (w, s, b), 64)) < cuda_q4.TOLERANCE

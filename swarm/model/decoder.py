@@ -85,6 +85,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps, self.traditional = cfg.rms_norm_eps, cfg.rope_traditional
         self.rope_base, self.rope_scale, self._freqs = rope_frequencies(cfg)
+        self.fused = q_proj.fast is not None  # q, k and v in one launch (CUDA, large layers)
 
     def rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=self.traditional, base=self.rope_base,
@@ -92,7 +93,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
-        fused = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj) if cuda_q4.enabled() else None
+        fused = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj) if self.fused else None
         q, k, v = fused if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.reshape(B, L, self.n_heads, self.head_dim)      # (B, L, heads, head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)   # (B, L, kv_heads, head_dim)
@@ -112,9 +113,11 @@ class MLP(nn.Module):
     def __init__(self, gate_proj, up_proj, down_proj):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        # on CUDA, where the layer is large enough to pay for it: gate, up and silu * mul in one kernel
+        self.fused = gate_proj.fast is not None and up_proj.fast is not None
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = cuda_q4.fused_swiglu(x, self.gate_proj, self.up_proj) if cuda_q4.enabled() else None
+        h = cuda_q4.fused_swiglu(x, self.gate_proj, self.up_proj) if self.fused else None
         if h is None:
             h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h)
