@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 import urllib.request
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def own_sessions(daemon) -> dict:
 def wait_idle(daemons) -> None:
     wait_for(lambda: all(own_sessions(d) == {"stage_sessions": 0, "requests": 0} for d in daemons), 30,
              "every session to be freed on every stage", daemons)
+
+
+@contextmanager
+def ready_swarm(daemons, nodes: int):
+    """The daemons once they agree the swarm is ready; stopped on the way out, whatever happened."""
+    try:
+        wait_ready(daemons, nodes=nodes)
+        yield daemons
+    finally:
+        for d in daemons:
+            d.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.swarm_harness import demo_pair, wait_ready
+from tests.swarm_harness import demo_pair, ready_swarm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 NOTES = Path("/work/notes")
@@ -120,13 +120,8 @@ class Chromium:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser-swarm")
-    daemons = demo_pair(tmp, api_key=KEY)
-    try:
-        wait_ready(daemons, nodes=2)
+    with ready_swarm(demo_pair(tmp, api_key=KEY), nodes=2) as daemons:
         yield daemons
-    finally:
-        for d in daemons:
-            d.stop()
 
 
 def _save(shot: Path, name: str) -> None:

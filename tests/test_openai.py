@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.swarm_harness import cli_generate, demo_pair, own_sessions, wait_for, wait_idle, wait_ready
+from tests.swarm_harness import cli_generate, demo_pair, own_sessions, ready_swarm, wait_for, wait_idle
 
 STORY = "Once upon a time"
 CHAT = "The little dog wanted to"
@@ -27,13 +27,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swarm(workdir):
-    daemons = demo_pair(workdir, args_b=("--max-sessions", str(B_MAX_SESSIONS)))
-    try:
-        wait_ready(daemons, nodes=2)
+    with ready_swarm(demo_pair(workdir, args_b=("--max-sessions", str(B_MAX_SESSIONS))), nodes=2) as daemons:
         yield daemons
-    finally:
-        for d in daemons:
-            d.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.swarm_harness import demo_pair, own_sessions, wait_idle, wait_ready
+from tests.swarm_harness import demo_pair, own_sessions, ready_swarm, wait_idle, wait_ready
 
 KEY = "web-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -21,13 +21,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    daemons = demo_pair(tmp_path_factory.mktemp("web-swarm"), api_key=KEY)
-    try:
-        wait_ready(daemons, nodes=2)
+    with ready_swarm(demo_pair(tmp_path_factory.mktemp("web-swarm"), api_key=KEY), nodes=2) as daemons:
         yield daemons
-    finally:
-        for d in daemons:
-            d.stop()
 
 
 
