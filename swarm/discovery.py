@@ -66,6 +66,14 @@ def local_ipv4_addresses() -> list[str]:
     return sorted(set(ips), key=lambda a: (ipaddress.IPv4Address(a).is_loopback, a))
 
 
+def advertised_addresses(host: str) -> list[str]:
+    """Where peers reach a node serving on `host`: itself, or for 0.0.0.0 the non-loopback addresses."""
+    if host == "0.0.0.0":
+        outside = [a for a in local_ipv4_addresses() if not ipaddress.IPv4Address(a).is_loopback]
+        return outside or ["127.0.0.1"]
+    return [host]
+
+
 async def _call(fn, *args) -> None:
     try:
         result = fn(*args)
@@ -105,14 +113,8 @@ class Discovery:
     def service_name(self) -> str:
         return f"{self.node_id}.{SERVICE_TYPE}"
 
-    def _addresses(self) -> list[str]:
-        if self.host == "0.0.0.0":
-            outside = [a for a in local_ipv4_addresses() if not ipaddress.IPv4Address(a).is_loopback]
-            return outside or ["127.0.0.1"]
-        return [self.host]
-
     def _service_info(self) -> AsyncServiceInfo:
-        addresses = self._addresses()
+        addresses = advertised_addresses(self.host)
         props = {k: str(v) for k, v in self.node_info.items() if v is not None}
         props.update(addr=addresses[0], port=str(self.port))
         return AsyncServiceInfo(SERVICE_TYPE, self.service_name, port=self.port, properties=props,

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from kernels.linear import backend
 from swarm import auth
-from swarm.discovery import Discovery, PeerAd
+from swarm.discovery import Discovery, PeerAd, advertised_addresses
 from swarm.membership import VERSION, Membership, Peer, PeerGone
 from swarm.model.decoder import Stage, load_stage
 from swarm.model.generate import TextStream, Timings
@@ -220,9 +220,7 @@ class Node:
 
     @property
     def addr(self) -> str:
-        if self.config.host != "0.0.0.0":
-            return self.config.host
-        return (self.discovery._addresses()[0] if self.discovery else "127.0.0.1")
+        return advertised_addresses(self.config.host)[0]
 
     def advertisement(self) -> dict:
         return {"id": self.id, "name": self.name, "backend": self.backend, "budget": self.budget,
@@ -233,14 +231,9 @@ class Node:
         stage = self.plan_stage
         return {**self.advertisement(), "addr": self.addr, "port": self.config.port, "state": self.stage_state,
                 "epoch": self.epoch, "layers": [stage.start, stage.end] if stage else [],
-                "used": self.stage_bytes(), "downloads": self.downloads, "sessions": len(self.runner.sessions),
+                "used": self.stage.nbytes if self.stage else 0, "downloads": self.downloads, "sessions": len(self.runner.sessions),
                 "coordinator": self.is_coordinator, "open": not self.config.cluster_key}
 
-    def stage_bytes(self) -> int:
-        if self.stage is None:
-            return 0
-        from mlx.utils import tree_flatten
-        return sum(v.nbytes for _, v in tree_flatten(self.stage.parameters()))
 
     # --- membership ----------------------------------------------------------------------------------
 
@@ -419,7 +412,7 @@ class Node:
                 self.stage = await self.compute(lambda: load_stage(folder, stage.start, stage.end, stage.first, stage.last))
                 self.stage_key = (meta["model"], stage.start, stage.end, stage.first, stage.last)
                 self.stage_state = "loaded"
-                log.info("loaded layers [%d, %d) (%s)", stage.start, stage.end, format_size(self.stage_bytes()))
+                log.info("loaded layers [%d, %d) (%s)", stage.start, stage.end, format_size(self.stage.nbytes))
             ack = {"t": "plan_ack", "epoch": epoch, "node_id": self.id, "ok": True}
         except asyncio.CancelledError:
             raise

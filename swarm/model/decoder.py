@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from kernels import cuda_q4
 from kernels.linear import Linear, compute_dtype
@@ -270,4 +271,5 @@ def load_stage(model_dir: str | Path, start: int | None = None, end: int | None 
     stage = Stage(cfg, StageSpec(start, end, first, last), layers, dtype,
                   embed_tokens=embed if first else None, norm=norm, lm_head=head)
     mx.eval(stage.parameters())
+    stage.nbytes = sum(v.nbytes for _, v in tree_flatten(stage.parameters()))  # memory the stage holds
     return stage
