@@ -80,5 +80,10 @@ class Linear(nn.Module):
         """Rows of W for token ids: the embedding lookup, dequantized when quantized."""
         if not self.quantized:
             return self.weight[ids]
+        if self.fast is not None:  # on CUDA: one launch where MLX's takes four (and slow gathers)
+            from kernels import cuda_q4
+            y = cuda_q4.embed_rows(ids, self.weight, self.scales, self.biases, self.group_size)
+            if y is not None:
+                return y
         return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids],
                              group_size=self.group_size, bits=self.bits)

@@ -1,13 +1,19 @@
 """Builds, checks and times the fused q4 kernels (kernels/cuda_q4.py) against MLX's own on a CUDA GPU.
 
-    python scripts/bench_gpu.py check    # every linear shape of Qwen2.5 0.5B-7B and Llama 3.2 1B, groups 32/64/128,
-                                         # float16 and bfloat16, outputs poisoned with NaN: rel err < 1e-3
-    python scripts/bench_gpu.py time     # GB/s and us per call: mx.quantized_matmul vs ours, per shape and variant
-    python scripts/bench_gpu.py sweep    # launch configurations (R, SPLIT, WPB) on the large 7B shapes
-    python scripts/bench_gpu.py decode   # tok/s of random 4-bit checkpoints: mlx-lm vs the engine with/without kernels
+    python scripts/bench_gpu.py check [f16|bf16]   # every linear shape of Qwen2.5 0.5B-7B and Llama 3.2 1B,
+                                 # groups 32/64/128, the fused step's variants (RMS-norm, residual, attention),
+                                 # float16 and bfloat16, outputs poisoned with NaN: rel err < 1e-3
+    python scripts/bench_gpu.py time        # GB/s and us per call: mx.quantized_matmul vs ours, per shape
+    python scripts/bench_gpu.py sweep       # launch configurations (R, SPLIT, WPB) on the large 7B shapes
+    python scripts/bench_gpu.py sweep-step  # the same for the fused one-token step's kernels
+    python scripts/bench_gpu.py overhead    # host us per op: MLX's ops beside custom kernels
+    python scripts/bench_gpu.py decode      # tok/s: mlx-lm vs the engine (MLX's kernels, ours, fused step)
     ncu --csv --log-file $OUT/ncu.csv --clock-control none --metrics gpu__time_duration.sum -k regex:'q4_|qmv|qmm' \
         python3 scripts/bench_gpu.py profile && python3 scripts/bench_gpu.py profile-table $OUT/ncu.csv
-                                         # GPU time of each kernel, without the framework's per-op overhead
+                                 # GPU time of each kernel, without the framework's per-op overhead
+    ncu --csv --log-file $OUT/dec.csv --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+        python3 scripts/bench_gpu.py profile-decode && python3 scripts/bench_gpu.py profile-decode-table $OUT/dec.csv
+                                 # GPU time of one decode step by kernel
 
 Each phase prints a table last and appends JSON lines to $OUT/bench.jsonl (or ./bench.jsonl). Errors are
 relative: ||out - ref|| / ||ref||, ref = mx.quantized_matmul in float32 on upcast inputs rounded to the
@@ -86,7 +92,7 @@ def keys(seed: int, n: int):
 
 # ---------------------------------------------------------------- check
 
-def check(seed: int = 1) -> bool:
+def check(dtypes: tuple[str, ...] = tuple(DTYPES), seed: int = 1) -> bool:
     print("card:", card(), flush=True)
     ok = cuda_q4.enabled()
     print("self-check:", "passed" if ok else "FAILED", "\n" + cuda_q4.check_report(), flush=True)
@@ -102,7 +108,7 @@ def check(seed: int = 1) -> bool:
             failures.append(f"{cat} {what}: {e:.3e}")
 
     n_key = 0
-    for dname, dtype in DTYPES.items():
+    for dname, dtype in ((d, DTYPES[d]) for d in dtypes):
         for gs in (32, 64, 128):
             for n, k in all_shapes():
                 ms = (1, 2, 3, 5, 8) if gs == 64 and n < 100_000 else (1,)
@@ -141,6 +147,7 @@ def check(seed: int = 1) -> bool:
                         if lbs is not None:
                             ref, mo = ref + lbs[j], mo + lbs[j]
                         record(f"qkv {dname} m={m}", f"{model}.{name} gs={gs}", outs[j], ref, mo)
+                    fused_step_variants(record, dname, model, gs, x, (q, kl, vl), lbs, gate, up, kk[8])
         rows = [[cat, v[3], f"{v[0]:.2e}", f"{v[1]:.2e}", f"{v[2]:.2e}"] for cat, v in worst.items()]
         print(f"checked {dname}; errors vs float32 quantized_matmul rounded to the dtype; card: {card()}")
         print(table(rows, ["category", "checks", "worst ours", "worst mlx", "ours vs mlx"]), flush=True)
@@ -148,6 +155,54 @@ def check(seed: int = 1) -> bool:
     for f in failures[:20]:
         print("FAIL", f)
     return ok and not failures
+
+
+def fused_step_variants(record, dname: str, model: str, gs: int, x, qkv_layers, lbs, gate, up, key) -> None:
+    """The kernels of the fused one-token step on one model's shapes: RMS-norm prologues (q/k/v, SwiGLU),
+    residual epilogues (o_proj, down_proj) and attention at a few positions; MLX's column: its own ops."""
+    dtype, (m, h) = x.dtype, x.shape
+    _, inter, heads, kv_heads, hd, _, _ = MODELS[model]
+    kk = keys(hash((dname, model, gs, m)) % 10_000, 8)
+    eps = mx.array([1e-6], mx.float32)
+    norm = ((1.0 + 0.1 * mx.random.normal((h,), key=kk[0])).astype(dtype), eps)
+    xn = cuda_q4.norm_reference(x, norm)
+    mlx_norm = mx.fast.rms_norm(x, norm[0], 1e-6)
+    qm = lambda x_, t: mx.quantized_matmul(x_, *t, transpose=True, group_size=gs, bits=4)  # noqa: E731
+    out = cuda_q4.swiglu(x, *gate, *up, gs, norm=norm, init_value=NAN, max_rows=8)
+    record(f"swiglu+norm {dname} m={m}", f"{model} gs={gs}", out, cuda_q4.swiglu_reference(xn, gate, up, gs, dtype),
+           nn.silu(qm(mlx_norm, gate)) * qm(mlx_norm, up))
+    outs = cuda_q4.qkv(x, *qkv_layers, gs, lbs, norm=norm, init_value=NAN, max_rows=8)
+    for j, (name, t) in enumerate(zip("qkv", qkv_layers)):
+        ref, mo = cuda_q4.reference(xn, t, gs, dtype), qm(mlx_norm, t)
+        if lbs is not None:
+            ref, mo = ref + lbs[j], mo + lbs[j]
+        record(f"qkv+norm {dname} m={m}", f"{model}.{name} gs={gs}", outs[j], ref, mo)
+    for name, (n, k) in (("o", (h, heads * hd)), ("down", (h, inter))):
+        layer = cuda_q4.random_q4(n, k, gs, dtype, kk[1])
+        xin = mx.random.normal((m, k), key=kk[2]).astype(dtype)
+        res = mx.random.normal((m, n), key=kk[3]).astype(dtype)
+        out = cuda_q4.q4_matvec(xin, *layer, gs, residual=res, init_value=NAN, max_rows=8, min_weights=0)
+        record(f"matvec+residual {dname} m={m}", f"{model}.{name} gs={gs}", out,
+               cuda_q4.reference(xin, layer, gs) + res, qm(xin, layer) + res)
+    if gs != 64:
+        return
+    for position in (0, 1, 255, 1000):
+        q = mx.random.normal((m, 1, heads * hd), key=kk[4]).astype(dtype)
+        k, v = (mx.random.normal((m, 1, kv_heads * hd), key=kk[i]).astype(dtype) for i in (5, 6))
+        cache_k, cache_v = (mx.random.normal((m, kv_heads, 1024, hd), key=kk[7]).astype(dtype) * s for s in (1, 2))
+        inv_freq = cuda_q4.rope_inverse_frequencies(hd, 1e6, 1.0, None)
+        got = cuda_q4.attend(q, k, v, cache_k, cache_v, mx.array([position], mx.int32), inv_freq, hd,
+                             init_value=NAN)
+        refs = cuda_q4.attend_reference(q, k, v, cache_k, cache_v, position, inv_freq, hd, False)
+        # MLX's own: mx.fast.rope and mx.fast.scaled_dot_product_attention in the dtype, as the engine runs them
+        heads_of = lambda t: t.reshape(m, 1, -1, hd).transpose(0, 2, 1, 3)  # noqa: E731
+        qr, kr = (mx.fast.rope(heads_of(t), hd, traditional=False, base=1e6, scale=1.0, offset=position) for t in (q, k))
+        ak = mx.concatenate([cache_k[:, :, :position], kr], axis=2)
+        av = mx.concatenate([cache_v[:, :, :position], heads_of(v)], axis=2)
+        mlx_out = mx.fast.scaled_dot_product_attention(qr, ak, av, scale=hd ** -0.5)
+        record(f"attend {dname} B={m}", f"{model} pos={position}", got[0], refs[0],
+               mlx_out.transpose(0, 2, 1, 3).reshape(q.shape))
+        record(f"attend.k {dname} B={m}", f"{model} pos={position}", got[1], refs[1], kr)
 
 
 # ---------------------------------------------------------------- timing
@@ -285,6 +340,70 @@ def sweep(dname: str = "bf16", gs: int = 64) -> None:
     print(table(rows, ["shape", "(R,SPLIT,WPB)", "us", "GB/s", "err", "default GB/s"]))
 
 
+def sweep_step(model: str = "qwen2.5-7b", dname: str = "bf16", gs: int = 64) -> None:
+    """Launch configurations of the fused one-token step's kernels on one model's shapes (one activation row),
+    each config's output checked; the three fastest beside launch_config's choice."""
+    dtype = DTYPES[dname]
+    print("card:", card(), flush=True)
+    h, inter, heads, kv_heads, hd, _, qkv_bias = MODELS[model]
+    eps = mx.array([1e-6], mx.float32)
+    norm_w = mx.ones((h,), dtype)
+    rows = []
+
+    def run(label, n_rows, k, fused, nbytes, make_args, call, reference):
+        configs = [(r, sp, w) for r in (1, 2, 4, 8) for sp in (1, 2, 4) for w in (4, 8)
+                   if w % sp == 0 and r * fused <= 8]
+        args = make_args()
+        n_iter = max(50, min(400, int(2e9 / nbytes)))
+        results = []
+        for cfg in configs:
+            err = cuda_q4.rel_err(call(*args[0], cfg), reference(*args[0]))
+            if not err < cuda_q4.TOLERANCE:
+                print(f"FAIL {label} {cfg}: rel err {err:.2e}")
+                continue
+            t = per_call(lambda *a: call(*a, cfg), args, n_iter, 3)
+            results.append((t, cfg))
+            log({"phase": "sweep-step", "case": label, "config": cfg, "s": t, "bytes": nbytes})
+        results.sort()
+        default = cuda_q4.launch_config(n_rows, k, 1, fused)
+        t_default = next((t for t, c in results if c == default), float("nan"))
+        for t, cfg in results[:3]:
+            rows.append([label, str(cfg), f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}",
+                         f"{default} {t_default * 1e6:.1f} us {nbytes / t_default / 1e9:.0f}"])
+        print(rows[-3:], flush=True)
+
+    x = mx.random.normal((1, h)).astype(dtype)
+    nb = layer_bytes(heads * hd, h, gs) + 2 * layer_bytes(kv_heads * hd, h, gs)
+    lb = tuple(mx.zeros((n,), dtype) for n in (heads * hd, kv_heads * hd, kv_heads * hd)) if qkv_bias else None
+
+    def qkv_args():
+        qs = random_layers(heads * hd, h, gs, dtype, copies_for(nb), 11)
+        ks = random_layers(kv_heads * hd, h, gs, dtype, copies_for(nb), 12)
+        vs = random_layers(kv_heads * hd, h, gs, dtype, copies_for(nb), 13)
+        return [(x, q, k, v) for q, k, v in zip(qs, ks, vs)]
+    run("qkv+norm", heads * hd + 2 * kv_heads * hd, h, 1, nb, qkv_args,
+        lambda x_, q, k, v, cfg: cuda_q4.qkv(x_, q, k, v, gs, lb, norm=(norm_w, eps), config=cfg)[0],
+        lambda x_, q, k, v: cuda_q4.reference(cuda_q4.norm_reference(x_, (norm_w, eps)), q, gs, dtype) + (lb[0] if lb else 0))
+    for label, n, k in (("o+residual", h, heads * hd), ("down+residual", h, inter)):
+        nb = layer_bytes(n, k, gs)
+        xk = mx.random.normal((1, k)).astype(dtype)
+        res = mx.random.normal((1, n)).astype(dtype)
+        run(label, n, k, 1, nb, lambda n=n, k=k, nb=nb, xk=xk: [(xk, *lay) for lay in random_layers(n, k, gs, dtype,
+                                                                                                 copies_for(nb), 14)],
+            lambda x_, w, s_, b, cfg, res=res: cuda_q4.q4_matvec(x_, w, s_, b, gs, residual=res, config=cfg, min_weights=0),
+            lambda x_, w, s_, b, res=res: cuda_q4.reference(x_, (w, s_, b), gs) + res)
+    nb = 2 * layer_bytes(inter, h, gs)
+
+    def swiglu_args():
+        layers = random_layers(inter, h, gs, dtype, 2 * copies_for(nb), 15)
+        return [(x, layers[i], layers[i + 1]) for i in range(0, len(layers), 2)]
+    run("swiglu+norm", inter, h, 2, nb, swiglu_args,
+        lambda x_, g, u, cfg: cuda_q4.swiglu(x_, *g, *u, gs, norm=(norm_w, eps), config=cfg),
+        lambda x_, g, u: cuda_q4.swiglu_reference(cuda_q4.norm_reference(x_, (norm_w, eps)), g, u, gs, dtype))
+    print(f"fused-step kernels, {model} shapes, {dname} gs={gs}; card: {card()}")
+    print(table(rows, ["case", "(R,SPLIT,WPB)", "us", "GB/s", "launch_config's choice"]))
+
+
 # ---------------------------------------------------------------- kernel times under Nsight Compute
 
 def profile(dname: str = "bf16", gs: int = 64) -> None:
@@ -359,28 +478,165 @@ def profile_table(csv_path: str) -> None:
     print(table(rows, ["case", "MB", "mlx us", "mlx GB/s", "ours us", "ours GB/s", "speed-up"]))
 
 
+def ncu_durations(csv_path: str) -> list[tuple[str, float]]:
+    """(kernel name, seconds) in launch order from `ncu --csv --metrics gpu__time_duration.sum`."""
+    import csv
+    with open(csv_path) as f:
+        lines = [line for line in f if line.startswith('"')]
+    out = []
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") == "gpu__time_duration.sum":
+            scale = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3}.get(row["Metric Unit"], 1e-9)
+            out.append((row["Kernel Name"], float(row["Metric Value"].replace(",", "")) * scale))
+    return out
+
+
+MARKER = "step_marker"
+
+
+def profile_decode(shape: str = "qwen2.5-7b", layers: int = 4, steps: int = 3) -> None:
+    """Decode steps of a few layers of a model shape, as shipped (fused one-token steps); run under ncu
+    (see __main__), then `profile-decode-table` gives each kernel's GPU time per step. A marker kernel
+    separates the steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_model import make_model
+    from swarm.model.decoder import load_stage
+    from swarm.model.generate import prefill
+
+    path = Path(f"/tmp/models/{shape}-{layers}l")
+    if not (path / "config.json").exists():
+        make_model(shape, path, layers=layers)
+    stage = load_stage(path)
+    marker = mx.fast.cuda_kernel(name=MARKER, input_names=["x"], output_names=["y"], source="y[0] = x[0];")
+    one = mx.zeros((1,), mx.float32)
+    cache = stage.make_cache()
+    token = mx.argmax(prefill(stage, list(range(1000, 1032)), cache)).reshape(1, 1)
+    mx.eval(token)
+    for _ in range(steps):
+        mx.eval(marker(inputs=[one], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                       output_dtypes=[mx.float32])[0])
+        token = mx.argmax(stage(token, cache)[0, -1]).reshape(1, 1)
+        mx.eval(token)   # as generation does: the step's cache writes run with the next step
+    mx.eval(marker(inputs=[one], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                   output_dtypes=[mx.float32])[0])
+    (OUT / "profile_decode.json").write_text(json.dumps({"shape": shape, "layers": layers, "steps": steps}))
+
+
+def profile_decode_table(csv_path: str) -> None:
+    """GPU time per decode step by kernel, from the last full step between markers."""
+    meta = json.loads((OUT / "profile_decode.json").read_text())
+    durations = ncu_durations(csv_path)
+    marks = [i for i, (name, _) in enumerate(durations) if MARKER in name]
+    if len(marks) < 2:
+        print(f"found {len(marks)} step markers among {len(durations)} kernels")
+        return
+    step = durations[marks[-2] + 1:marks[-1]]
+    by_kernel: dict[str, list] = {}
+    for name, t in step:
+        short = name.split("(")[0].split("<")[0].replace("mlx::core::cu::", "")[:48]
+        by_kernel.setdefault(short, []).append(t)
+    total = sum(t for _, t in step)
+    rows = [[k, len(v), f"{sum(v) * 1e6:.1f}", f"{sum(v) / total * 100:.0f}%"]
+            for k, v in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))]
+    log({"phase": "profile-decode", **meta, "total_s": total, "kernels": {k: sum(v) for k, v in by_kernel.items()}})
+    print(f"GPU time of one decode step, {meta['shape']} shape with {meta['layers']} layers: {total * 1e6:.0f} us in "
+          f"{len(step)} kernels (ncu, clocks not locked); card: {card()}")
+    print(table(rows, ["kernel", "launches", "us", "share"]))
+
+
+# ---------------------------------------------------------------- host cost per op
+
+def overhead(n_ops: int = 200, rounds: int = 10) -> None:
+    """Host time per op on this back-end: chains of n_ops ops, built (Python), handed to the GPU
+    (mx.async_eval) and finished (mx.eval), in us per op; MLX's own ops beside custom kernels."""
+    print("card:", card(), "| MLX_MAX_OPS_PER_BUFFER", os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default"),
+          "| MLX_USE_CUDA_GRAPHS", os.environ.get("MLX_USE_CUDA_GRAPHS", "default"), flush=True)
+    dt, gs = mx.bfloat16, 64
+    x = mx.random.normal((1, 1, 896)).astype(dt)
+    layer = cuda_q4.random_q4(896, 896, gs, dt)
+    copy_src = "int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < x_shape[2]) y[i] = x[i];"
+    tiny = mx.fast.cuda_kernel(name="bench_tiny_copy", input_names=["x"], output_names=["y"], source=copy_src)
+    padded = mx.fast.cuda_kernel(name="bench_padded_copy", input_names=["x"], output_names=["y"], source=copy_src,
+                                 header="// " + "x" * 15000 + "\n")
+    launch = {"grid": (896, 1, 1), "threadgroup": (128, 1, 1), "output_shapes": [x.shape], "output_dtypes": [dt]}
+    cases = {
+        "mx.add": lambda h: h + x,
+        "mx.fast.rms_norm": lambda h: mx.fast.rms_norm(h, x[0, 0], 1e-6),
+        "mx.quantized_matmul 896x896": lambda h: mx.quantized_matmul(h, *layer, transpose=True, group_size=gs, bits=4),
+        "custom copy kernel, no header": lambda h: tiny(inputs=[h], **launch)[0],
+        "custom copy kernel, 15 KB header": lambda h: padded(inputs=[h], **launch)[0],
+        "q4_matvec 896x896": lambda h: cuda_q4.q4_matvec(h, *layer, gs, min_weights=0),
+        "q4_matvec+residual 896x896": lambda h: cuda_q4.q4_matvec(h, *layer, gs, residual=x, min_weights=0),
+    }
+    rows = []
+    for name, op in cases.items():
+        build = launch_t = total = 0.0
+        for r in range(rounds + 1):
+            h = x
+            t0 = time.perf_counter()
+            for _ in range(n_ops):
+                h = op(h)
+            t1 = time.perf_counter()
+            mx.async_eval(h)
+            t2 = time.perf_counter()
+            mx.eval(h)
+            t3 = time.perf_counter()
+            if r:   # the first round compiles
+                build, launch_t, total = build + t1 - t0, launch_t + t2 - t1, total + t3 - t0
+        per = 1e6 / (rounds * n_ops)
+        rows.append([name, f"{build * per:.1f}", f"{launch_t * per:.1f}", f"{total * per:.1f}"])
+        log({"phase": "overhead", "op": name, "build_us": build * per, "launch_us": launch_t * per,
+             "total_us": total * per, "max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default"),
+             "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "default")})
+    print(f"host us per op, chains of {n_ops} ops; card: {card()}")
+    print(table(rows, ["op", "build", "async_eval", "total"]))
+
+
 # ---------------------------------------------------------------- decode
 
+def host_cost(stage, prompt: list[int], steps: int = 32) -> tuple[float, float]:
+    """(us to build one step's graph, us to hand it to the GPU with async_eval) per token, after a prefill."""
+    from swarm.model.generate import prefill
+    cache = stage.make_cache()
+    token = mx.argmax(prefill(stage, prompt, cache)).reshape(1, 1)
+    build = launch = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = mx.argmax(stage(token, cache)[0, -1]).reshape(1, 1)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        build, launch = build + t1 - t0, launch + t2 - t1
+        mx.eval(out)
+        token = out
+    return build / steps * 1e6, launch / steps * 1e6
+
+
 def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
-    """tok/s of mlx-lm and of the engine with MLX's kernels and with ours, variants interleaved."""
+    """tok/s of mlx-lm and of the engine (MLX's kernels, ours op by op, the fused one-token step), interleaved."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_model import make_model
     from swarm.model.decoder import load_stage
     from swarm.model.generate import Timings, generate_ids
     from swarm.model.sampling import SamplingParams
 
-    print("card:", card(), flush=True)
+    print("card:", card(), "| MLX_MAX_OPS_PER_BUFFER", os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default"), flush=True)
     enabled = cuda_q4.enabled()
     print("kernels enabled:", enabled, flush=True)
 
     def load(name):
-        # "engine": MLX's own kernels only; "engine+fused": as shipped (matvec, SwiGLU and q/k/v kernels).
-        # The engine picks its kernels when a layer is built, so each variant is a stage of its own.
-        cuda_q4._enabled = enabled and name == "engine+fused"
+        # "engine": MLX's own kernels; "engine+kernels": ours (matvec, SwiGLU, q/k/v) op by op; "engine+step": as
+        # shipped, each layer's one-token step in five fused launches. The engine picks its kernels when a layer
+        # is built, so each variant is a stage of its own.
+        cuda_q4._enabled = enabled and name != "engine"
         try:
-            return load_stage(path)
+            stage = load_stage(path)
         finally:
             cuda_q4._enabled = enabled
+        if name == "engine+kernels":
+            for layer in stage.layers:
+                layer.decode_step = None
+        return stage
 
     rows = []
     prompt = list(range(1000, 1032))
@@ -391,6 +647,8 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
             make_model(shape, path)
             print(f"made {shape} in {time.perf_counter() - t0:.0f} s", flush=True)
         try:
+            if os.environ.get("BENCH_SKIP_MLXLM"):
+                raise RuntimeError("skipped (BENCH_SKIP_MLXLM)")
             from mlx_lm import load as lm_load
             from mlx_lm import stream_generate
             model, tok = lm_load(str(path))
@@ -400,41 +658,60 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
                 for last in stream_generate(model, tok, prompt, max_tokens=tokens):
                     pass
                 tps.append(last.generation_tps)
-            rows.append([shape, "mlx-lm 0.32.2", f"{statistics.median(tps[1:]):.1f}", f"max {max(tps):.1f}"])
+            rows.append([shape, "mlx-lm 0.32.2", f"{statistics.median(tps[1:]):.1f}", "", f"max {max(tps):.1f}"])
             log({"phase": "decode", "shape": shape, "variant": "mlx-lm", "tps": tps})
             del model
         except Exception as e:  # the engine's numbers still count without the reference
-            rows.append([shape, "mlx-lm", "error", f"{type(e).__name__}: {e}"[:60]])
-        names = ("engine", "engine+fused") if enabled else ("engine",)
+            rows.append([shape, "mlx-lm", "-", "", f"{type(e).__name__}: {e}"[:60]])
+        names = ["engine"] + (["engine+kernels", "engine+step"] if enabled else [])
         stages = {name: load(name) for name in names}
         tps, ids = {n: [] for n in names}, {}
         for _ in range(4):   # variants interleaved, so that a slow spell of the host hits them alike
-            for name in names:
+            for name in list(names):
                 t = Timings()
-                ids[name] = list(generate_ids(stages[name], prompt, SamplingParams(temperature=0.0, max_tokens=tokens),
-                                              timings=t))
+                try:
+                    ids[name] = list(generate_ids(stages[name], prompt,
+                                                  SamplingParams(temperature=0.0, max_tokens=tokens), timings=t))
+                except Exception as e:  # one variant failing leaves the others' figures
+                    rows.append([shape, name, "-", "", f"{type(e).__name__}: {e}"[:80]])
+                    names.remove(name)
+                    continue
                 tps[name].append(t.decode_tps)
         for name in names:
-            same = "" if name == "engine" else ("same tokens" if ids[name] == ids["engine"] else "tokens differ")
-            rows.append([shape, name, f"{statistics.median(tps[name][1:]):.1f}", f"max {max(tps[name]):.1f} {same}"])
-            log({"phase": "decode", "shape": shape, "variant": name, "tps": tps[name], "note": same})
+            build, launch = host_cost(stages[name], prompt)
+            same = "" if name == "engine" else ("same tokens" if ids[name] == ids["engine"] else
+                                                f"{sum(a == b for a, b in zip(ids[name], ids['engine']))}/{tokens} same")
+            rows.append([shape, name, f"{statistics.median(tps[name][1:]):.1f}", f"{build:.0f} + {launch:.0f}",
+                         f"max {max(tps[name]):.1f} {same}"])
+            log({"phase": "decode", "shape": shape, "variant": name, "tps": tps[name], "note": same,
+                 "build_us": build, "launch_us": launch,
+                 "max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")})
         del stages
-    print(f"decode tok/s (median of runs 2-4), greedy, {tokens} tokens after a 32-token prompt; card: {card()}")
-    print(table(rows, ["model", "variant", "tok/s", "note"]))
+    print(f"decode tok/s (median of runs 2-4), greedy, {tokens} tokens after a 32-token prompt; host us per token: "
+          f"graph build + async_eval; card: {card()}")
+    print(table(rows, ["model", "variant", "tok/s", "host us/token", "note"]))
 
 
 if __name__ == "__main__":
     phase = sys.argv[1] if len(sys.argv) > 1 else "check"
     if phase == "check":
-        sys.exit(0 if check() else 1)
+        sys.exit(0 if check(tuple(sys.argv[2:]) or tuple(DTYPES)) else 1)
     elif phase == "time":
         time_shapes(*sys.argv[2:3])
     elif phase == "sweep":
         sweep()
+    elif phase == "sweep-step":
+        sweep_step(*sys.argv[2:3])
     elif phase == "profile":
         profile()
     elif phase == "profile-table":
         profile_table(sys.argv[2])
+    elif phase == "profile-decode":
+        profile_decode()
+    elif phase == "profile-decode-table":
+        profile_decode_table(sys.argv[2])
+    elif phase == "overhead":
+        overhead()
     elif phase == "decode":
         decode(tuple(sys.argv[2:]) or ("qwen2.5-0.5b", "qwen2.5-7b"))
     else:

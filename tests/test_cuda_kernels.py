@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -143,36 +145,54 @@ MLX_STANDIN = """
 namespace mlx::core::cu { using Shape = cuda::std::array<int32_t, 10>; }
 """
 CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
-PACKED = {"w", "gw", "uw", "qw", "kw", "vw"}
+INPUT_TYPES = {"w": "uint32_t", "gw": "uint32_t", "uw": "uint32_t", "qw": "uint32_t", "kw": "uint32_t",
+               "vw": "uint32_t", "eps": "float", "inv_freq": "float", "pos": "int32_t", "ids": "uint32_t"}
 
 
-def mlx_style_kernel(kind: str, dtype, m: int, cfg: tuple, gs: int) -> str:
+def mlx_style_kernel(kind: str, dtype, consts: dict) -> str:
     inputs, outputs, body = cuda_q4.KERNEL_SPECS[kind]
-    name = f"{kind}_{CUDA_TYPES[dtype]}_{m}_{'_'.join(map(str, cfg))}_{gs}"
+    name = f"{kind}_{CUDA_TYPES[dtype]}_{'_'.join(map(str, consts.values()))}"
     params = []
     for n in inputs:
-        params.append(f"const {'uint32_t' if n in PACKED else CUDA_TYPES[dtype]}* {n}")
+        params.append(f"const {INPUT_TYPES.get(n, CUDA_TYPES[dtype])}* {n}")
         if n + "_shape" in body:
             params.append(f"const __grid_constant__ Shape {n}_shape")
     params += [f"{CUDA_TYPES[dtype]}* {n}" for n in outputs]
-    consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in zip(("M", "R", "SPLIT", "WPB", "GS"), (m, *cfg, gs)))
+    decls = "".join(f"  using {k} = {v};\n" if isinstance(v, str) else
+                    f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};\n"
+                    for k, v in consts.items())
     return (f"namespace mlx::core::cu {{\n__global__ void {name}({', '.join(params)}) {{\n"
-            f"  using T = {CUDA_TYPES[dtype]};\n{consts}{body}\n}}\n}}\n")
+            f"  using T = {CUDA_TYPES[dtype]};\n{decls}{body}\n}}\n}}\n")
+
+
+def q4_consts(m: int, cfg: tuple, gs: int) -> dict:
+    return dict(zip(("M", "R", "SPLIT", "WPB", "GS"), (m, *cfg, gs)))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
-    cases = [("matvec", mx.float16, 1, (4, 1, 4), 64), ("matvec", mx.bfloat16, 8, (2, 4, 4), 32),
-             ("matvec", mx.bfloat16, 1, (4, 8, 8), 128), ("swiglu", mx.bfloat16, 1, (4, 1, 4), 64),
-             ("swiglu", mx.float16, 8, (1, 2, 4), 128), ("qkv", mx.float16, 1, (4, 2, 4), 64),
-             ("qkv_bias", mx.bfloat16, 3, (2, 1, 4), 32)]
-    src = MLX_STANDIN + cuda_q4.HEADER + "".join(mlx_style_kernel(*c) for c in cases)
-    (tmp_path / "q4.cu").write_text(src)
-    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "--resource-usage", "-o",
-                           str(tmp_path / "q4.cubin"), str(tmp_path / "q4.cu")],
-                          capture_output=True, text=True, timeout=300)
-    report = done.stdout + done.stderr
-    assert done.returncode == 0, report[-3000:]
+    cases = [("matvec", mx.float16, q4_consts(1, (4, 1, 4), 64)), ("matvec", mx.bfloat16, q4_consts(8, (2, 4, 4), 32)),
+             ("matvec", mx.bfloat16, q4_consts(1, (4, 8, 8), 128)), ("swiglu", mx.bfloat16, q4_consts(1, (4, 1, 4), 64)),
+             ("swiglu", mx.float16, q4_consts(8, (1, 2, 4), 128)), ("qkv", mx.float16, q4_consts(1, (4, 2, 4), 64)),
+             ("qkv_bias", mx.bfloat16, q4_consts(3, (2, 1, 4), 32)),
+             ("matvec_norm", mx.bfloat16, q4_consts(1, (8, 1, 4), 64)),
+             ("matvec_res", mx.bfloat16, q4_consts(1, (8, 2, 4), 64)),
+             ("swiglu_norm", mx.bfloat16, q4_consts(1, (4, 1, 4), 64)),
+             ("qkv_bias_norm", mx.bfloat16, q4_consts(1, (8, 1, 4), 64)),
+             ("qkv_norm", mx.float16, q4_consts(2, (4, 2, 4), 128)),
+             ("attend", mx.bfloat16, {"D": 128, "MAXP": cuda_q4.MAX_POSITIONS, "TRAD": False}),
+             ("attend", mx.float16, {"D": 64, "MAXP": cuda_q4.MAX_POSITIONS, "TRAD": True}),
+             ("embed", mx.bfloat16, {"I": "uint32_t", "GS": 64})]
+    report = ""
+    for part in sorted({kind.split("_")[0] for kind, *_ in cases}):  # each with only the header it is given
+        src = MLX_STANDIN + cuda_q4.header(part) + "".join(mlx_style_kernel(*c) for c in cases
+                                                           if c[0].split("_")[0] == part)
+        (tmp_path / f"{part}.cu").write_text(src)
+        done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "--resource-usage", "-o",
+                               str(tmp_path / f"{part}.cubin"), str(tmp_path / f"{part}.cu")],
+                              capture_output=True, text=True, timeout=300)
+        report += done.stdout + done.stderr
+        assert done.returncode == 0, report[-3000:]
     usage = [line for line in report.splitlines() if "stack frame" in line]
     assert len(usage) == len(cases), report[-3000:]
     assert all(line.strip().startswith("0 bytes stack frame, 0 bytes spill stores") for line in usage), usage
@@ -214,3 +234,31 @@ def test_quantized_linear_uses_the_kernel_on_cuda(dtype):
     got = quantized_linear(x, w, s, b, 64, 4, fast)
     assert mx.array_equal(got, cuda_q4.q4_matvec(x, w, s, b, 64)).item()
     assert cuda_q4.rel_err(got, cuda_q4.reference(x, (w, s, b), 64)) < cuda_q4.TOLERANCE
+
+
+def logits_fed(stage, prompt: list[int], fed: list[int]) -> list[mx.array]:
+    """The last position's logits after the prompt and after each of the fed tokens (decode steps)."""
+    cache = stage.make_cache()
+    out = [stage(mx.array([prompt]), cache)[0, -1]]
+    for t in fed:
+        out.append(stage(mx.array([[t]]), cache)[0, -1])
+    mx.eval(out)
+    return out
+
+
+@gpu
+def test_fused_decode_step_matches_the_layers_op_by_op(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_model import make_model
+
+    from swarm.model.decoder import load_stage
+    stage = load_stage(make_model("qwen2.5-0.5b", tmp_path / "m", layers=2))
+    assert all(layer.decode_step is not None for layer in stage.layers)
+    prompt, fed = list(range(100, 120)), [7, 300, 9, 4000, 11, 12, 50000, 14]
+    fused = logits_fed(stage, prompt, fed)
+    for layer in stage.layers:
+        layer.decode_step = None
+    opwise = logits_fed(stage, prompt, fed)
+    assert cuda_q4.rel_err(fused[0], opwise[0]) == 0.0          # the prompt runs op by op both times
+    errors = [cuda_q4.rel_err(a, b) for a, b in zip(fused[1:], opwise[1:])]
+    assert max(errors) < 3e-2, errors                            # bf16 rounding; a wrong position is O(1)
