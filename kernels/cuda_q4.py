@@ -705,11 +705,8 @@ def attend(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.arr
     return tuple(_launch("attend", found[1], [q, k, v, keys, values, position, inv_freq], q.dtype, init_value))
 
 
-def embed_rows(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, *,
-               init_value: float | None = None) -> mx.array | None:
-    """dequantize(weight[ids]) (the embedding lookup) in one launch, for ids of shape (B, L); None if not
-    applicable. MLX's own is three gathers and a dequantize, and its gathers take about 120 us each on the
-    H100 for one row of a 152064-row embedding."""
+def embed_plan(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> tuple | None:
+    """(kernel kind, launch plan) of embed_rows for these shapes, or None if it does not apply."""
     def make():
         V, words = weight.shape if weight.ndim == 2 else (0, 0)
         ok = (ids.ndim == 2 and ids.dtype in (mx.int32, mx.uint32) and weight.dtype == mx.uint32 and V
@@ -720,8 +717,15 @@ def embed_rows(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
         n = ids.shape[0] * ids.shape[1]
         template = [("T", scales.dtype), ("I", ids.dtype), ("GS", group_size)]
         return "embed", (template, (n * words, 1, 1), (256, 1, 1), [(*ids.shape, words * 8)])
-    found = _cached(("embed", ids.shape, ids.dtype, weight.shape, weight.dtype, scales.shape, scales.dtype,
-                     biases.shape, biases.dtype, group_size), make)
+    return _cached(("embed", ids.shape, ids.dtype, weight.shape, weight.dtype, scales.shape, scales.dtype,
+                    biases.shape, biases.dtype, group_size), make)
+
+
+def embed_rows(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, *,
+               init_value: float | None = None) -> mx.array | None:
+    """dequantize(weight[ids]) (the embedding lookup) in one launch, for ids of shape (B, L); None if not
+    applicable. MLX's own is three gathers and a dequantize."""
+    found = embed_plan(ids, weight, scales, biases, group_size)
     if found is None:
         return None
     return _launch("embed", found[1], [ids, weight, scales, biases], scales.dtype, init_value)[0]

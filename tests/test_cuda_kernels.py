@@ -262,3 +262,74 @@ def test_fused_decode_step_matches_the_layers_op_by_op(tmp_path):
     assert cuda_q4.rel_err(fused[0], opwise[0]) == 0.0          # the prompt runs op by op both times
     errors = [cuda_q4.rel_err(a, b) for a, b in zip(fused[1:], opwise[1:])]
     assert max(errors) < 3e-2, errors                            # bf16 rounding; a wrong position is O(1)
+
+
+# ---------------------------------------------------------------- the fused one-token step's host side
+
+def test_step_plans_take_only_what_the_kernels_do(tmp_path):
+    dt = mx.bfloat16
+    q, k = mx.zeros((1, 1, 4 * 128), dt), mx.zeros((1, 1, 2 * 128), dt)
+    cache, pos, inv = mx.zeros((1, 2, 256, 128), dt), mx.zeros((1,), mx.int32), mx.zeros((64,), mx.float32)
+    kind, (template, grid, block, shapes) = cuda_q4.attend_plan(q, k, k, cache, cache, pos, inv, 128)
+    assert kind == "attend" and grid == (4 * 128, 1, 1) and block == (128, 1, 1)
+    assert shapes == [(1, 1, 512), (1, 2, 1, 128), (1, 2, 1, 128)] and ("D", 128) in template
+    assert cuda_q4.attend_plan(mx.zeros((1, 1, 3 * 96), dt), mx.zeros((1, 1, 96), dt), mx.zeros((1, 1, 96), dt),
+                               mx.zeros((1, 1, 256, 96), dt), mx.zeros((1, 1, 256, 96), dt), pos,
+                               mx.zeros((48,), mx.float32), 96) is None              # head_dim 96
+    assert cuda_q4.attend_plan(mx.zeros((1, 1, 3 * 128), dt), k, k, cache, cache, pos, inv, 128) is None  # 3 % 2
+    assert cuda_q4.attend_plan(q, k, k, cache, cache, pos.astype(mx.uint32), inv, 128) is None
+    assert cuda_q4.attend_plan(q, k, k, cache.astype(mx.float16), cache, pos, inv, 128) is None
+    assert cuda_q4.attend_plan(mx.zeros((1, 2, 512), dt), k, k, cache, cache, pos, inv, 128) is None     # 2 tokens
+
+    w, s, b = layer(64, 256, dtype=dt)
+    x = mx.zeros((1, 1, 256), dt)
+    norm = (mx.ones((256,), dt), mx.array([1e-6], mx.float32))
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, norm=norm)[0] == "matvec_norm"
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, residual=mx.zeros((1, 1, 64), dt))[0] == "matvec_res"
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, norm=norm, residual=mx.zeros((1, 1, 64), dt)) is None
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, residual=mx.zeros((1, 1, 63), dt)) is None
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, norm=(mx.ones((255,), dt), norm[1])) is None
+    assert cuda_q4.matvec_plan(x, (w, s, b), 64, norm=(norm[0], mx.array([1e-6], dt))) is None          # eps f32
+    assert cuda_q4.swiglu_plan(x, (w, s, b), (w, s, b), 64, norm)[0] == "swiglu_norm"
+    biases = tuple(mx.zeros((64,), dt) for _ in range(3))
+    assert cuda_q4.qkv_plan(x, (w, s, b), (w, s, b), (w, s, b), 64, biases, norm)[0] == "qkv_bias_norm"
+
+    ids = mx.zeros((1, 3), mx.uint32)
+    kind, (template, grid, _, shapes) = cuda_q4.embed_plan(ids, w, s, b, 64)
+    assert kind == "embed" and grid == (3 * 32, 1, 1) and shapes == [(1, 3, 256)] and ("I", mx.uint32) in template
+    assert cuda_q4.embed_plan(ids.astype(mx.float32), w, s, b, 64) is None
+    assert cuda_q4.embed_plan(mx.zeros((3,), mx.int32), w, s, b, 64) is None
+    assert cuda_q4.embed_plan(ids, w, s, b, 128) is None                                # scales of group 64
+
+
+@pytest.mark.parametrize("base,scale,freqs,traditional", [(10000.0, 1.0, None, False), (1e6, 0.25, None, True),
+                                                          (None, 0.5, "linspace", False)])
+def test_rope_inverse_frequencies_mean_what_mx_fast_rope_means(base, scale, freqs, traditional):
+    x = mx.random.normal((1, 3, 5, 128), key=mx.random.key(2))
+    freqs = mx.linspace(1, 500, 64) if freqs else None
+    want = mx.fast.rope(x, 128, traditional=traditional, base=base, scale=scale, offset=7, freqs=freqs)
+    inv = cuda_q4.rope_inverse_frequencies(128, base, scale, freqs)
+    assert inv.shape == (64,) and inv.dtype == mx.float32
+    got = mx.fast.rope(x, 128, traditional=traditional, base=None, scale=1.0, offset=7, freqs=1.0 / inv)
+    assert mx.allclose(got, want, atol=1e-5).item()
+    assert not mx.allclose(mx.fast.rope(x, 128, traditional=traditional, base=None, scale=1.0, offset=8,
+                                        freqs=1.0 / inv), want, atol=1e-3).item()
+
+
+def test_kernel_sources_are_included_from_a_file_named_by_their_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = cuda_q4.header("attend")
+    line = cuda_q4._included(code, "abc123")
+    path = tmp_path / "cake-swarm" / "cuda" / "q4_abc123.cuh"
+    assert line == f'#include "{path}"\n' and path.read_text() == code
+    path.write_text("tampered")                     # a wrong file is replaced, never compiled
+    cuda_q4._included(code, "abc123")
+    assert path.read_text() == code
+    assert "q4::attend" not in cuda_q4.header("matvec") and "matvec(" in cuda_q4.header("matvec_res")
+    assert cuda_q4.header("qkv_bias_norm") == cuda_q4.header("qkv")
+
+
+def test_decoder_layers_keep_the_op_by_op_path_off_cuda():
+    from swarm.model.decoder import load_stage
+    stage = load_stage(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-qwen2-4bit")
+    assert all(layer.decode_step is None for layer in stage.layers)
