@@ -11,6 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from kernels import cuda_q4
+
 
 def backend() -> str:
     """'metal', 'cuda' or 'cpu': where the default device computes."""
@@ -47,7 +49,6 @@ def matvec_kernel(weight: mx.array, bits: int):
     """
     if bits != 4 or backend() != "cuda":
         return None
-    from kernels import cuda_q4
     return cuda_q4.q4_matvec if cuda_q4.enabled() and weight.size * 8 >= cuda_q4.FASTER_WEIGHTS else None
 
 
@@ -81,7 +82,6 @@ class Linear(nn.Module):
         if not self.quantized:
             return self.weight[ids]
         if self.fast is not None:  # on CUDA: one launch where MLX's takes four (and slow gathers)
-            from kernels import cuda_q4
             y = cuda_q4.embed_rows(ids, self.weight, self.scales, self.biases, self.group_size)
             if y is not None:
                 return y
