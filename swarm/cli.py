@@ -98,6 +98,8 @@ def _cmd_up(args) -> int:
 
 
 def _node_url(node: str) -> str:
+    """http://HOST:PORT from HOST:PORT or a URL as the dashboard shows it (a trailing / is dropped)."""
+    node = node.rstrip("/")
     return node if node.startswith("http") else f"http://{node}"
 
 

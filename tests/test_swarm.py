@@ -66,3 +66,10 @@ def test_three_way_split_equals_one_node(tmp_path, model_name, discovery):
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_node_addresses_take_the_forms_users_paste():
+    from swarm.cli import _node_url
+    for given in ("127.0.0.1:10128", "http://127.0.0.1:10128", "http://127.0.0.1:10128/", "127.0.0.1:10128/"):
+        assert _node_url(given) + "/ws/chat" == "http://127.0.0.1:10128/ws/chat", given
+    assert _node_url("https://node.example:8443/") == "https://node.example:8443"
