@@ -8,8 +8,10 @@ first), `scales`/`biases` [out, in/group_size], w = scale * q + bias. Each threa
 (32 weights, always inside one group) of R rows with non-caching loads, multiplies them by activations
 held in float32, and the partial sums of a row are reduced over a warp and, where several warps share
 rows (SPLIT), through shared memory. Per chunk the sum is scale * sum(x*q) + bias * sum(x): q becomes
-a float without an int->float conversion by OR-ing the masked nibble into the mantissa of 2^23 (the
-nibble at bit 4j then reads as q * 16^j, so x is pre-scaled by 16^-j, exactly).
+a float in a single AND, the masked nibble read as a subnormal float (q * 16^j * 2^-149), and x is
+pre-scaled by a power of two that makes each product x * q * 2^-85, exactly as a float product would
+round; one FMA per weight, where an int->float conversion or a magic-number subtraction costs another
+instruction per weight, and decode's kernels are bound by instruction issue as much as by memory.
 
 `enabled()` is True only on the CUDA backend and after a one-time self-check against mx.quantized_matmul
 passed; elsewhere (CPU, Metal) nothing here compiles and the callers keep MLX's kernels. Each public
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,17 +57,26 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Nibble j of a word as a float: j < 5 in place, value q * 16^j (bits 0..19 of the 23-bit mantissa),
-// j >= 5 from hi = w >> 20, value q * 16^(j-5).
+// Nibble j of a word as a float, in one AND: its bits left in place with a zero exponent make the
+// subnormal q * 16^p * 2^-149 (p = j, or j - 5 for j >= 5, taken from hi = w >> 20 so that no nibble
+// reaches the exponent bits).
 __device__ __forceinline__ float nibble(uint32_t w, uint32_t hi, int j) {
-  const uint32_t bits = j < 5 ? (w & (0xFu << (4 * j))) : (hi & (0xFu << (4 * (j - 5))));
-  return __uint_as_float(bits | 0x4B000000u) - 8388608.0f;  // (2^23 + v) - 2^23 == v exactly
+  return __uint_as_float(j < 5 ? (w & (0xFu << (4 * j))) : (hi & (0xFu << (4 * (j - 5)))));
 }
 
-// 16^-(position of nibble j): multiplying x by it (exact) undoes the scale nibble() leaves.
+// 2^(64 - 4p) for nibble j: x times it times nibble(j) is x * q * 2^-85 (powers of two: exact), a normal
+// float for any |x| between 2^-41 and 2^63; PRODUCT_SCALE undoes the 2^-85 once per chunk.
 __device__ __forceinline__ constexpr float nibble_scale(int j) {
-  return j == 0 || j == 5 ? 1.0f : j == 1 || j == 6 ? 0.0625f : j == 2 || j == 7 ? 0.00390625f
-       : j == 3 ? 0.000244140625f : 1.52587890625e-05f;
+  return j == 0 || j == 5 ? 0x1p64f : j == 1 || j == 6 ? 0x1p60f : j == 2 || j == 7 ? 0x1p56f
+       : j == 3 ? 0x1p52f : 0x1p48f;
+}
+constexpr float PRODUCT_SCALE = 0x1p85f;
+
+// a * b + c rounded once, subnormal operands kept whatever flush-to-zero mode the compiler was given.
+__device__ __forceinline__ float fma_exact(float a, float b, float c) {
+  float d;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+  return d;
 }
 
 """
@@ -124,14 +136,15 @@ __device__ __forceinline__ void rows_dot(const T* x, int K, const uint32_t* cons
         for (int j = 0; j < 8; ++j) {
           const float v = nibble(w, hi, j);
 #pragma unroll
-          for (int m = 0; m < M; ++m) d[r][m] = fmaf(xs[m][j], v, d[r][m]);
+          for (int m = 0; m < M; ++m) d[r][m] = fma_exact(xs[m][j], v, d[r][m]);
         }
       }
     }
 #pragma unroll
     for (int r = 0; r < RR; ++r)
 #pragma unroll
-      for (int m = 0; m < M; ++m) acc[r][m] = fmaf(sc[r], d[r][m], fmaf(bi[r], xsum[m], acc[r][m]));
+      for (int m = 0; m < M; ++m)
+        acc[r][m] = fma_exact(sc[r] * PRODUCT_SCALE, d[r][m], fmaf(bi[r], xsum[m], acc[r][m]));
   }
 }
 
@@ -183,10 +196,10 @@ __device__ __forceinline__ void reduce_rows(float (&acc)[RR][M], float* red) {
 
 MATVEC = r"""
 // y[m, row] = x[m] . dequant(w[row]) for R rows per row group, GROUPS = WPB / SPLIT groups per block.
-// NORM: x RMS-normalized first (weight nw, epsilon eps[0]); RES: y = round(x . w) + res, as `res + linear(x)`.
+// NORM: x RMS-normalized first (weight nw, epsilon eps); RES: y = round(x . w) + res, as `res + linear(x)`.
 template <typename T, int M, int R, int SPLIT, int WPB, int GS, bool NORM, bool RES>
 __device__ void matvec(const T* x, const uint32_t* w, const T* s, const T* b, T* y, int N, int K,
-                       const T* nw, const float* eps, const T* res) {
+                       const T* nw, float eps, const T* res) {
   constexpr int TPG = 32 * SPLIT, GROUPS = WPB / SPLIT, RN = R + NORM;
   __shared__ float red[GROUPS * RN * M];
   const int group = threadIdx.x / TPG, gt = threadIdx.x % TPG;
@@ -201,7 +214,7 @@ __device__ void matvec(const T* x, const uint32_t* w, const T* s, const T* b, T*
     const int g = i / (R * M), r = (i % (R * M)) / M, m = i % M;
     const int row = (blockIdx.x * GROUPS + g) * R + r;
     float v = red[g * RN * M + r * M + m];
-    if (NORM) v *= inv_rms(red[g * RN * M + R * M + m], K, eps[0]);
+    if (NORM) v *= inv_rms(red[g * RN * M + R * M + m], K, eps);
     if (row < N) y[(size_t)m * N + row] = rnd<T>(RES ? round_to<T>(v) + tof(res[(size_t)m * N + row]) : v);
   }
 }
@@ -212,7 +225,7 @@ SWIGLU = r"""
 // rest in float32, rounded once.
 template <typename T, int M, int R, int SPLIT, int WPB, int GS, bool NORM>
 __device__ void swiglu(const T* x, const uint32_t* gw, const T* gs, const T* gb, const uint32_t* uw,
-                       const T* us, const T* ub, T* y, int N, int K, const T* nw, const float* eps) {
+                       const T* us, const T* ub, T* y, int N, int K, const T* nw, float eps) {
   constexpr int TPG = 32 * SPLIT, GROUPS = WPB / SPLIT, RR = 2 * R, RN = RR + NORM;
   __shared__ float red[GROUPS * RN * M];
   const int group = threadIdx.x / TPG, gt = threadIdx.x % TPG;
@@ -229,7 +242,7 @@ __device__ void swiglu(const T* x, const uint32_t* gw, const T* gs, const T* gb,
     const int g = i / (R * M), r = (i % (R * M)) / M, m = i % M;
     const int row = (blockIdx.x * GROUPS + g) * R + r;
     if (row < N) {
-      const float scale = NORM ? inv_rms(red[g * RN * M + RR * M + m], K, eps[0]) : 1.0f;
+      const float scale = NORM ? inv_rms(red[g * RN * M + RR * M + m], K, eps) : 1.0f;
       const float gate = round_to<T>(red[g * RN * M + r * M + m] * scale);
       const float up = round_to<T>(red[g * RN * M + (R + r) * M + m] * scale);
       y[(size_t)m * N + row] = rnd<T>(gate / (1.0f + expf(-gate)) * up);
@@ -245,7 +258,7 @@ template <typename T, int M, int R, int SPLIT, int WPB, int GS, bool HAS_BIAS, b
 __device__ void qkv(const T* x, int K, const uint32_t* qw, const T* qs, const T* qb, const T* ql, T* yq, int nq,
                     const uint32_t* kw, const T* ks, const T* kb, const T* kl, T* yk, int nk,
                     const uint32_t* vw, const T* vs, const T* vb, const T* vl, T* yv, int nv,
-                    const T* nw, const float* eps) {
+                    const T* nw, float eps) {
   constexpr int TPG = 32 * SPLIT, GROUPS = WPB / SPLIT, RB = GROUPS * R, RN = R + NORM;
   __shared__ float red[GROUPS * RN * M];
   const int nb0 = (nq + RB - 1) / RB, nb1 = (nk + RB - 1) / RB;
@@ -271,7 +284,7 @@ __device__ void qkv(const T* x, int K, const uint32_t* qw, const T* qs, const T*
     const int row = (block * GROUPS + g) * R + r;
     if (row < N) {
       float v = red[g * RN * M + r * M + m];
-      if (NORM) v *= inv_rms(red[g * RN * M + R * M + m], K, eps[0]);
+      if (NORM) v *= inv_rms(red[g * RN * M + R * M + m], K, eps);
       if (HAS_BIAS) v = round_to<T>(v) + tof(lb[row]);
       y[(size_t)m * N + row] = rnd<T>(v);
     }
@@ -301,11 +314,12 @@ __device__ __forceinline__ float block_reduce(float v, float* buf) {
 // Attention for one new position `pos` (pos_p[0]) of query head blockIdx.x, batch row blockIdx.y:
 // RoPE (angle pos * inv_freq[i]; pairs (i, i + D/2), or (2i, 2i + 1) when TRAD) on q and on the new k,
 // rounded to T as mx.fast.rope returns them; then softmax(q . k_t / sqrt(D)) v_t over t in [0, pos], the
-// cache (B, KV, cap, D) giving t < pos and the new k, v giving t = pos. Writes out (B, 1, H * D) and the
-// new k (roped) and v in the cache's layout (B, KV, 1, D), for the cache update that follows.
+// cache (B, KV, cap, D) giving t < pos and the new k, v giving t = pos. Writes out (B, 1, H * D), and the
+// new k (roped) and v into the cache at pos, in place: the cache arrays are inputs that MLX does not
+// know to change, so nothing may read them at pos or beyond within the same graph except this kernel.
 template <typename T, int D, int MAXP, bool TRAD>
-__device__ void attend(const T* q, const T* k, const T* v, const T* kc, const T* vc, const int* pos_p,
-                       const float* inv_freq, T* out, T* k_new, T* v_new, int H, int KV, int cap) {
+__device__ void attend(const T* q, const T* k, const T* v, T* kc, T* vc, const int* pos_p,
+                       const float* inv_freq, T* out, int H, int KV, int cap) {
   __shared__ float qs[D], kn[D], vn[D], p[MAXP], buf[32];
   const int h = blockIdx.x, b = blockIdx.y, g = h / (H / KV), tid = threadIdx.x, nt = blockDim.x;
   const int pos = pos_p[0];
@@ -324,10 +338,10 @@ __device__ void attend(const T* q, const T* k, const T* v, const T* kc, const T*
   }
   for (int i = tid; i < D; i += nt) vn[i] = tof(vh[i]);
   __syncthreads();
-  if (h % (H / KV) == 0) {
+  if (h % (H / KV) == 0) {  // one block of the group writes the new position; all read only t < pos
     for (int i = tid; i < D; i += nt) {
-      k_new[((size_t)b * KV + g) * D + i] = rnd<T>(kn[i]);
-      v_new[((size_t)b * KV + g) * D + i] = vh[i];
+      kc[(((size_t)b * KV + g) * cap + pos) * D + i] = rnd<T>(kn[i]);
+      vc[(((size_t)b * KV + g) * cap + pos) * D + i] = vh[i];
     }
   }
   const float scale = rsqrtf((float)D);
@@ -400,14 +414,12 @@ def header(kind: str) -> str:
 
 # Kernel bodies: MLX writes the signature (inputs as `const T* name`, `name_shape` where used, then the
 # outputs) and the template constants (T, M, R, SPLIT, WPB, GS, ...) above the body. Variants: `_norm`
-# takes the RMS-norm weight and epsilon of its input (nw, eps), `_res` a residual added to the output,
-# `_bias` q/k/v's linear biases.
-NORM_ARGS = ("nw", "eps")
-
-
+# takes the RMS-norm weight of its input (nw) and its epsilon as the template constant EPS (the float's
+# bits: a constant costs no memory read), `_res` a residual added to the output, `_bias` q/k/v's linear
+# biases.
 def _spec(kind: str, norm: bool = False, res: bool = False, bias: bool = False) -> tuple[list, list, str]:
-    extra = list(NORM_ARGS) if norm else []
-    nw, eps = ("nw", "eps") if norm else ("nullptr", "nullptr")
+    extra = ["nw"] if norm else []
+    nw, eps = ("nw", "__int_as_float(EPS)") if norm else ("nullptr", "0.0f")
     flag = "true" if norm else "false"
     if kind == "matvec":
         inputs = ["x", "w", "scales", "biases", *extra] + (["res"] if res else [])
@@ -427,9 +439,9 @@ def _spec(kind: str, norm: bool = False, res: bool = False, bias: bool = False) 
     return inputs, ["yq", "yk", "yv"], body
 
 
-ATTEND_SPEC = (["q", "k", "v", "kc", "vc", "pos", "inv_freq"], ["out", "k_new", "v_new"],
-               "  q4::attend<T, D, MAXP, TRAD>(q, k, v, kc, vc, pos, inv_freq, out, k_new, v_new, q_shape[2] / D, "
-               "k_shape[2] / D, kc_shape[2]);")
+ATTEND_SPEC = (["q", "k", "v", "kc", "vc", "pos", "inv_freq", "after"], ["out"],
+               ("  q4::attend<T, D, MAXP, TRAD>(q, k, v, const_cast<T*>(kc), const_cast<T*>(vc), pos, inv_freq, "
+                "out, q_shape[2] / D, k_shape[2] / D, kc_shape[2]);"))
 
 EMBED_SPEC = (["ids", "w", "scales", "biases"], ["out"],
               "  q4::embed<T, I, GS>(ids, w, scales, biases, out, ids_shape[0] * ids_shape[1], w_shape[1], w_shape[0]);")
@@ -444,25 +456,40 @@ KERNEL_SPECS = {
 MAX_POSITIONS = 8192   # positions the attention kernel holds scores for (32 KB of shared memory)
 HEAD_DIMS = (64, 128)
 
-_kernels: dict[str, object] = {}
+_kernels: dict[tuple, object] = {}
 _enabled: bool | None = None
 _check_report: str = ""
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.int32: "int32_t",
+              mx.uint32: "uint32_t"}
 
 
-def _kernel(kind: str):
-    """The mx.fast.cuda_kernel of one kind, built on first use (building one needs MLX's CUDA back-end).
+def kernel_body(kind: str, template: tuple) -> str:
+    """The body of a kernel kind with its constants (T, M, R, ...) declared first, as MLX declares template
+    arguments."""
+    lines = [f"  using {name} = {CUDA_TYPES[v]};" if isinstance(v, mx.Dtype) else
+             f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {name} = {str(v).lower()};"
+             for name, v in template]
+    return "\n".join([*lines, KERNEL_SPECS[kind][2]])
 
-    Its name carries a hash of its source: MLX caches compiled kernels on disk by name, and a kernel
-    changed by an upgrade must not run the old code. MLX also copies a kernel's whole source into every
-    launch (a few microseconds per launch for our 5-8 KB), so the code is included from a file instead
+
+def _kernel(kind: str, template: tuple):
+    """The mx.fast.cuda_kernel of one kind and one set of constants, built on first use (building one needs
+    MLX's CUDA back-end).
+
+    The constants are written into the source rather than passed as MLX template arguments, which MLX
+    formats into the source anew at every launch; host time per launch bounds decode. The name carries a
+    hash of the source: MLX caches compiled kernels on disk by name, and a kernel changed by an upgrade
+    must not run the old code. MLX also copies a kernel's whole source into every launch (a few
+    microseconds per launch for our 5-8 KB), so the code is included from a file instead
     (`include_headers`)."""
-    if kind not in _kernels:
-        inputs, outputs, body = KERNEL_SPECS[kind]
-        code = header(kind)
+    key = (kind, template)
+    if key not in _kernels:
+        inputs, outputs, _ = KERNEL_SPECS[kind]
+        code, body = header(kind), kernel_body(kind, template)
         digest = hashlib.sha256((code + body).encode()).hexdigest()[:16]
-        _kernels[kind] = mx.fast.cuda_kernel(name=f"q4_{kind}_{digest}", input_names=inputs, output_names=outputs,
-                                             source=body, header=_included(code, digest) if include_headers else code)
-    return _kernels[kind]
+        _kernels[key] = mx.fast.cuda_kernel(name=f"q4_{kind}_{digest}", input_names=inputs, output_names=outputs,
+                                            source=body, header=_included(code, digest) if include_headers else code)
+    return _kernels[key]
 
 
 include_headers = True
@@ -496,7 +523,9 @@ def launch_config(n: int, k: int, m: int, fused: int = 1) -> tuple[int, int, int
     one warp per row group and 8 rows ran fastest on the large shapes, SPLIT 8 slowest everywhere. Blocks of
     8 warps where few row groups share no rows: the fused one-token step's sweep (2026-11-26, 7B shapes)
     measured q/k/v 12.0 us at (8, 1, 8) against 12.4 at (8, 1, 4), o_proj 6.4 against 6.5, while down_proj
-    (SPLIT 4) ran slower with 8 warps (23.6 against 22.1 us) and SwiGLU is best at (4, 1, 4).
+    (SPLIT 4) ran slower with 8 warps (23.6 against 22.1 us) and SwiGLU is best at (4, 1, 4). The same
+    sweep after the one-AND dequantization (third session) found this rule's choice best or within 0.8 us
+    of the best for all four.
     """
     rows = max(1, 8 // (m * fused))
     chunks, split = k // 32, 1
@@ -522,14 +551,28 @@ def _check_args(x: mx.array, group_size: int, layers, max_rows: int) -> tuple[in
 
 
 def _norm_fits(x: mx.array, norm: tuple | None) -> bool:
-    """norm: None, or (weight (K,) in x's dtype, epsilon as a float32 array of shape (1,))."""
+    """norm: None, or (weight (K,) in x's dtype, epsilon (a positive float))."""
     return norm is None or (norm[0].shape == (x.shape[-1],) and norm[0].dtype == x.dtype
-                            and norm[1].shape == (1,) and norm[1].dtype == mx.float32)
+                            and isinstance(norm[1], float) and norm[1] > 0)
 
 
-def _template(dtype, m: int, cfg: tuple[int, int, int], group_size: int) -> list:
+def _eps(norm: tuple | None) -> float | None:
+    return None if norm is None else norm[1]
+
+
+def _norm_sig(norm: tuple | None) -> tuple | None:
+    return None if norm is None else (norm[0].shape, norm[0].dtype, norm[1])
+
+
+def float_bits(value: float) -> int:
+    """The bits of value as a float32, as a signed int (a template constant; the kernel reads it back)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _template(dtype, m: int, cfg: tuple[int, int, int], group_size: int, eps: float | None = None) -> tuple:
     r, split, wpb = cfg
-    return [("T", dtype), ("M", m), ("R", r), ("SPLIT", split), ("WPB", wpb), ("GS", group_size)]
+    return (("T", dtype), ("M", m), ("R", r), ("SPLIT", split), ("WPB", wpb), ("GS", group_size),
+            *((("EPS", float_bits(eps)),) if eps is not None else ()))
 
 
 def _rows_per_block(cfg: tuple[int, int, int]) -> int:
@@ -544,10 +587,10 @@ def _grid(n_rows_blocks: int, cfg: tuple[int, int, int]) -> tuple[tuple, tuple]:
 
 # The kernels read x as rows of K contiguous values whatever its leading shape (MLX makes it row
 # contiguous), and the outputs take x's leading shape directly: no reshape ops, each of which would cost
-# a graph node per call. Decode on the GPU is bound by the host's time per op, so what a call decides
-# from shapes and dtypes (applicable? template, grid, output shapes) is worked out once per signature
-# and kept in _plans; a call then costs a dict lookup and the launch. max_rows: activation rows taken
-# (default: where the kernels are the faster).
+# a graph node per call. The host's time per op bounds decode on the GPU as much as the kernels do, so
+# what a call decides from shapes and dtypes (applicable? template, grid, output shapes) is worked out
+# once per signature and kept in _plans; a call then costs a dict lookup and the launch. max_rows:
+# activation rows taken (default: where the kernels are the faster).
 _plans: dict[tuple, tuple | None] = {}
 
 
@@ -560,7 +603,8 @@ def _shapes(*arrays) -> tuple:
     return tuple(None if a is None else (a.shape, a.dtype) for a in arrays)
 
 
-def _plan(x, layers, group_size: int, max_rows: int, config, fused: int, outputs: int = 1) -> tuple | None:
+def _plan(x, layers, group_size: int, max_rows: int, config, fused: int, outputs: int = 1,
+          eps: float | None = None) -> tuple | None:
     """(template, grid, threadgroup, output shapes) for one call signature, or None if not applicable."""
     fit = _check_args(x, group_size, layers, max_rows)
     if fit is None or (fused == 2 and layers[0][0].shape != layers[1][0].shape):
@@ -569,13 +613,13 @@ def _plan(x, layers, group_size: int, max_rows: int, config, fused: int, outputs
     ns = [w.shape[0] for w, _, _ in layers][:outputs]
     cfg = config or launch_config(sum(ns), k, m, fused)
     grid, block = _grid(sum(-(-n // _rows_per_block(cfg)) for n in ns), cfg)
-    return _template(x.dtype, m, cfg, group_size), grid, block, [(*x.shape[:-1], n) for n in ns]
+    return _template(x.dtype, m, cfg, group_size, eps), grid, block, [(*x.shape[:-1], n) for n in ns]
 
 
 def _launch(kind: str, plan: tuple, inputs: list, dtype, init_value: float | None = None) -> list:
     template, grid, block, shapes = plan
-    return _kernel(kind)(inputs=inputs, template=template, grid=grid, threadgroup=block, output_shapes=shapes,
-                         output_dtypes=[dtype] * len(shapes), init_value=init_value)
+    return _kernel(kind, template)(inputs=inputs, grid=grid, threadgroup=block, output_shapes=shapes,
+                                   output_dtypes=[dtype] * len(shapes), init_value=init_value)
 
 
 def _cached(key: tuple, make) -> tuple | None:
@@ -588,14 +632,14 @@ def matvec_plan(x: mx.array, layer: tuple, group_size: int, norm: tuple | None =
                 residual: mx.array | None = None, config=None, max_rows: int = FASTER_ROWS) -> tuple | None:
     """(kernel kind, launch plan) of q4_matvec for these shapes, or None if it does not apply."""
     def make():
-        plan = _plan(x, (layer,), group_size, max_rows, config, 1) if _norm_fits(x, norm) else None
+        plan = _plan(x, (layer,), group_size, max_rows, config, 1, eps=_eps(norm)) if _norm_fits(x, norm) else None
         if plan is None or norm is not None and residual is not None:
             return None
         if residual is not None and _shapes(residual) != ((tuple(plan[3][0]), x.dtype),):
             return None
         return ("matvec_norm" if norm else "matvec_res" if residual is not None else "matvec"), plan
-    return _cached(_signature(x, (layer,), "matvec", group_size, max_rows, config,
-                              _shapes(*(norm or ()), residual)), make)
+    return _cached(_signature(x, (layer,), "matvec", group_size, max_rows, config, _norm_sig(norm),
+                              _shapes(residual)), make)
 
 
 def q4_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, *,
@@ -611,7 +655,7 @@ def q4_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
     found = matvec_plan(x, (weight, scales, biases), group_size, norm, residual, config, max_rows)
     if found is None:
         return None
-    extra = list(norm or ()) + ([residual] if residual is not None else [])
+    extra = ([norm[0]] if norm else []) + ([residual] if residual is not None else [])
     return _launch(found[0], found[1], [x, weight, scales, biases, *extra], x.dtype, init_value)[0]
 
 
@@ -619,9 +663,9 @@ def swiglu_plan(x: mx.array, gate: tuple, up: tuple, group_size: int, norm: tupl
                 max_rows: int = FASTER_ROWS) -> tuple | None:
     """(kernel kind, launch plan) of swiglu for these shapes, or None if it does not apply."""
     def make():
-        plan = _plan(x, (gate, up), group_size, max_rows, config, 2) if _norm_fits(x, norm) else None
+        plan = _plan(x, (gate, up), group_size, max_rows, config, 2, eps=_eps(norm)) if _norm_fits(x, norm) else None
         return None if plan is None else ("swiglu_norm" if norm else "swiglu", plan)
-    return _cached(_signature(x, (gate, up), "swiglu", group_size, max_rows, config, _shapes(*(norm or ()))), make)
+    return _cached(_signature(x, (gate, up), "swiglu", group_size, max_rows, config, _norm_sig(norm)), make)
 
 
 def swiglu(x: mx.array, gate_w: mx.array, gate_s: mx.array, gate_b: mx.array, up_w: mx.array, up_s: mx.array,
@@ -632,7 +676,7 @@ def swiglu(x: mx.array, gate_w: mx.array, gate_s: mx.array, gate_b: mx.array, up
     found = swiglu_plan(x, (gate_w, gate_s, gate_b), (up_w, up_s, up_b), group_size, norm, config, max_rows)
     if found is None:
         return None
-    return _launch(found[0], found[1], [x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *(norm or ())], x.dtype,
+    return _launch(found[0], found[1], [x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *(norm or ())[:1]], x.dtype,
                    init_value)[0]
 
 
@@ -642,12 +686,12 @@ def qkv_plan(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_
     lb_sig = None if linear_biases is None else _shapes(*linear_biases)
 
     def make():
-        plan = _plan(x, (q, k, v), group_size, max_rows, config, 1, outputs=3) if _norm_fits(x, norm) else None
+        plan = (_plan(x, (q, k, v), group_size, max_rows, config, 1, outputs=3, eps=_eps(norm))
+                if _norm_fits(x, norm) else None)
         if plan is None or lb_sig is not None and lb_sig != tuple(((n,), x.dtype) for *_, n in plan[3]):
             return None
         return "qkv" + ("_bias" if linear_biases is not None else "") + ("_norm" if norm else ""), plan
-    return _cached(_signature(x, (q, k, v), "qkv", group_size, max_rows, config, lb_sig, _shapes(*(norm or ()))),
-                   make)
+    return _cached(_signature(x, (q, k, v), "qkv", group_size, max_rows, config, lb_sig, _norm_sig(norm)), make)
 
 
 def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biases: tuple | None = None, *,
@@ -659,7 +703,7 @@ def qkv(x: mx.array, q: tuple, k: tuple, v: tuple, group_size: int, linear_biase
     found = qkv_plan(x, q, k, v, group_size, linear_biases, norm, config, max_rows)
     if found is None:
         return None
-    inputs = [x, *q, *k, *v, *(norm or ()), *(linear_biases or ())]
+    inputs = [x, *q, *k, *v, *(norm or ())[:1], *(linear_biases or ())]
     return tuple(_launch(found[0], found[1], inputs, x.dtype, init_value))
 
 
@@ -684,25 +728,47 @@ def attend_plan(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: m
               and values.shape[:2] + values.shape[3:] == keys.shape[:2] + keys.shape[3:]
               and {k.dtype, v.dtype, keys.dtype, values.dtype} == {q.dtype}
               and _shapes(position, inv_freq) == (((1,), mx.int32), ((D // 2,), mx.float32)))
-        template = [("T", q.dtype), ("D", D), ("MAXP", MAX_POSITIONS), ("TRAD", bool(traditional))]
-        new_shape = (B, KV, 1, D)
-        return ("attend", (template, (H * 128, B, 1), (128, 1, 1), [q.shape, new_shape, new_shape])) if ok else None
+        template = (("T", q.dtype), ("D", D), ("MAXP", MAX_POSITIONS), ("TRAD", bool(traditional)))
+        return ("attend", (template, (H * 128, B, 1), (128, 1, 1), [q.shape])) if ok else None
     return _cached(("attend", q.shape, k.shape, v.shape, keys.shape[:2] + keys.shape[3:],
                     values.shape[:2] + values.shape[3:], q.dtype, keys.dtype, values.dtype, D, traditional,
                     _shapes(position, inv_freq)), make)
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.array, position: mx.array,
-           inv_freq: mx.array, head_dim: int, traditional: bool = False, *,
-           init_value: float | None = None) -> tuple | None:
+           inv_freq: mx.array, head_dim: int, traditional: bool = False, after: mx.array | None = None, *,
+           init_value: float | None = None) -> mx.array | None:
     """One new position's attention: RoPE on q (B, 1, H*D) and k (B, 1, KV*D) at `position` (int32 array of
-    shape (1,)), softmax over the cache (B, KV, capacity, D) up to it plus the new k, v. Returns (out
-    (B, 1, H*D), the new k roped and v as (B, KV, 1, D)) for the cache update, or None if not applicable.
-    The caller keeps position < MAX_POSITIONS and position <= capacity."""
+    shape (1,)), softmax over the cache (keys, values: (B, KV, capacity, D), row-contiguous, of one shape) up
+    to it plus the new k, v. Returns out (B, 1, H*D), or None if not applicable. The new k (roped) and v
+    are written into keys and values at `position` in place, so no cache update follows; `after`: an array
+    the kernel waits for, unread (the output of the step that wrote the previous position in place, which
+    MLX would not otherwise order before this one; see KVCache in swarm.model.decoder). The caller keeps
+    position < MAX_POSITIONS and position < capacity."""
     found = attend_plan(q, k, v, keys, values, position, inv_freq, head_dim, traditional)
     if found is None:
         return None
-    return tuple(_launch("attend", found[1], [q, k, v, keys, values, position, inv_freq], q.dtype, init_value))
+    inputs = [q, k, v, keys, values, position, inv_freq, keys if after is None else after]
+    return _launch("attend", found[1], inputs, q.dtype, init_value)[0]
+
+
+_positions: mx.array | None = None
+_position_views: dict[int, mx.array] = {}
+
+
+def position(offset: int) -> mx.array:
+    """offset as the int32 array of shape (1,) that attend() takes: a view into one arange made once, the
+    same array for every layer of a step (one op a token, not one a layer, and nothing written by the host)."""
+    global _positions
+    view = _position_views.get(offset)
+    if view is None:
+        if _positions is None:
+            _positions = mx.arange(MAX_POSITIONS, dtype=mx.int32)
+            mx.eval(_positions)
+        if len(_position_views) >= 64:
+            _position_views.clear()
+        view = _position_views[offset] = _positions[offset:offset + 1]
+    return view
 
 
 def embed_plan(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> tuple | None:
@@ -715,7 +781,7 @@ def embed_plan(ids: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
         if not ok:
             return None
         n = ids.shape[0] * ids.shape[1]
-        template = [("T", scales.dtype), ("I", ids.dtype), ("GS", group_size)]
+        template = (("T", scales.dtype), ("I", ids.dtype), ("GS", group_size))
         return "embed", (template, (n * words, 1, 1), (256, 1, 1), [(*ids.shape, words * 8)])
     return _cached(("embed", ids.shape, ids.dtype, weight.shape, weight.dtype, scales.shape, scales.dtype,
                     biases.shape, biases.dtype, group_size), make)
@@ -776,23 +842,24 @@ def fused_linear(x: mx.array, proj, residual: mx.array | None = None) -> mx.arra
 
 class DecodeStep:
     """One decoder layer for one new token in five launches: rms_norm + q/k/v; RoPE + attention; o_proj +
-    residual; rms_norm + SwiGLU; down_proj + residual. Decode on the GPU is bound by the host's time per
-    op, and this is 5 ops where the op-by-op layer has about 20.
+    residual; rms_norm + SwiGLU; down_proj + residual. The host's time per op bounds decode on the GPU
+    as much as the kernels do, and this is 5 ops where the op-by-op layer has about 20 (and the new k, v
+    go into the cache from the attention kernel, with no cache ops).
 
-    Built once per layer by the decoder; a call returns (hidden out, new k, new v) with k, v in the cache's
-    layout (B, KV, 1, D) for the caller's cache update, or None where these kernels do not apply (the
-    caller then runs the layer op by op). What a call needs beyond its inputs is planned once per shape.
+    Built once per layer by the decoder; a call returns the hidden out, having written the new position's
+    k and v into the cache in place (see attend), or None where these kernels do not apply (the caller then
+    runs the layer op by op). What a call needs beyond its inputs is planned once per shape.
     """
 
     def __init__(self, attn_norm: mx.array, mlp_norm: mx.array, eps: float, q: tuple, k: tuple, v: tuple,
                  qkv_bias: tuple | None, o: tuple, gate: tuple, up: tuple, down: tuple, group_size: int,
                  head_dim: int, inv_freq: mx.array, traditional: bool):
-        eps_array = mx.array([eps], dtype=mx.float32)
+        eps = float(eps)
         self.q, self.k, self.v, self.o, self.gate, self.up, self.down = q, k, v, o, gate, up, down
         self.qkv_bias, self.group_size, self.head_dim, self.traditional = qkv_bias, group_size, head_dim, traditional
-        self.attn_norm, self.mlp_norm, self.inv_freq = (attn_norm, eps_array), (mlp_norm, eps_array), inv_freq
-        self.qkv_inputs = [*q, *k, *v, attn_norm, eps_array, *(qkv_bias or ())]
-        self.mlp_inputs = [*gate, *up, mlp_norm, eps_array]
+        self.attn_norm, self.mlp_norm, self.inv_freq = (attn_norm, eps), (mlp_norm, eps), inv_freq
+        self.qkv_inputs = [*q, *k, *v, attn_norm, *(qkv_bias or ())]
+        self.mlp_inputs = [*gate, *up, mlp_norm]
         self._plans: dict[tuple, list | None] = {}
 
     def _plan(self, x: mx.array, keys: mx.array) -> list | None:
@@ -809,11 +876,12 @@ class DecodeStep:
                  matvec_plan(like(self.gate[0].shape[0]), self.down, gs, residual=x)]
         if any(f is None for f in found):
             return None
-        return [(_kernel(kind), {"template": template, "grid": grid, "threadgroup": block, "output_shapes": shapes,
-                                 "output_dtypes": [dt] * len(shapes)})
+        return [(_kernel(kind, template), {"grid": grid, "threadgroup": block, "output_shapes": shapes,
+                                           "output_dtypes": [dt] * len(shapes)})
                 for kind, (template, grid, block, shapes) in found]
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, position: mx.array) -> tuple | None:
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, position: mx.array,
+                 after: mx.array | None = None) -> mx.array | None:
         sig = (x.shape, x.dtype, keys.dtype)
         if sig not in self._plans:
             self._plans[sig] = self._plan(x, keys)
@@ -822,10 +890,11 @@ class DecodeStep:
             return None
         (kqkv, aqkv), (katt, aatt), (ko, ao), (kmlp, amlp), (kdown, adown) = plans
         q, k, v = kqkv(inputs=[x, *self.qkv_inputs], **aqkv)
-        out, k_new, v_new = katt(inputs=[q, k, v, keys, values, position, self.inv_freq], **aatt)
+        out = katt(inputs=[q, k, v, keys, values, position, self.inv_freq, keys if after is None else after],
+                   **aatt)[0]
         h = ko(inputs=[out, *self.o, x], **ao)[0]
         g = kmlp(inputs=[h, *self.mlp_inputs], **amlp)[0]
-        return kdown(inputs=[g, *self.down, h], **adown)[0], k_new, v_new
+        return kdown(inputs=[g, *self.down, h], **adown)[0]
 
 
 def random_q4(n: int, k: int, group_size: int, dtype, key=None) -> tuple[mx.array, mx.array, mx.array]:
@@ -856,7 +925,7 @@ def norm_reference(x: mx.array, norm: tuple) -> mx.array:
     """rms_norm(x) in float32 (not rounded: the kernels fold the norm into their float32 sums)."""
     w, eps = norm
     x32 = x.astype(mx.float32)
-    return x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps.astype(mx.float32)) * w.astype(mx.float32)
+    return x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps) * w.astype(mx.float32)
 
 
 def swiglu_reference(x: mx.array, gate: tuple, up: tuple, gs: int, dtype=None) -> mx.array:
@@ -898,7 +967,7 @@ def self_check(seed: int = 0) -> tuple[bool, str]:
         kl, vl = random_q4(nkv, k, gs, dtype, keys[3]), random_q4(nkv, k, gs, dtype, keys[4])
         lbs = tuple(mx.random.normal((d,), key=kk).astype(dtype)
                     for d, kk in zip((n, nkv, nkv), mx.random.split(keys[5], 3)))
-        norm = ((1.0 + 0.1 * mx.random.normal((k,), key=keys[6])).astype(dtype), mx.array([1e-5], mx.float32))
+        norm = ((1.0 + 0.1 * mx.random.normal((k,), key=keys[6])).astype(dtype), 1e-5)
         xn = norm_reference(x, norm)
         res = mx.random.normal((m, n), key=keys[7]).astype(dtype)
         rows = MAX_ROWS
@@ -929,9 +998,13 @@ def self_check(seed: int = 0) -> tuple[bool, str]:
         k, v = (mx.random.normal((batch, 1, kv_heads * D), key=kk).astype(dtype) for kk in ks[1:3])
         cache_k, cache_v = (mx.random.normal((batch, kv_heads, capacity, D), key=kk).astype(dtype) for kk in ks[3:5])
         inv_freq = rope_inverse_frequencies(D, 10000.0 + 1000 * i, 1.0, None)
-        got = attend(q, k, v, cache_k, cache_v, mx.array([position], mx.int32), inv_freq, D, traditional,
-                     init_value=nan)
+        mx.eval(cache_k, cache_v)
         refs = attend_reference(q, k, v, cache_k, cache_v, position, inv_freq, D, traditional)
+        mx.eval(refs)
+        out = attend(q, k, v, cache_k, cache_v, mx.array([position], mx.int32), inv_freq, D, traditional,
+                     init_value=nan)
+        mx.eval(out)  # then the cache holds the new position
+        got = (out, cache_k[:, :, position:position + 1], cache_v[:, :, position:position + 1])
         for name, out, ref in zip(("out", "k", "v"), got, refs):
             e = rel_err(out, ref)
             worst = max(worst, e)

@@ -163,8 +163,7 @@ def fused_step_variants(record, dname: str, model: str, gs: int, x, qkv_layers, 
     dtype, (m, h) = x.dtype, x.shape
     _, inter, heads, kv_heads, hd, _, _ = MODELS[model]
     kk = keys(hash((dname, model, gs, m)) % 10_000, 8)
-    eps = mx.array([1e-6], mx.float32)
-    norm = ((1.0 + 0.1 * mx.random.normal((h,), key=kk[0])).astype(dtype), eps)
+    norm = ((1.0 + 0.1 * mx.random.normal((h,), key=kk[0])).astype(dtype), 1e-6)
     xn = cuda_q4.norm_reference(x, norm)
     mlx_norm = mx.fast.rms_norm(x, norm[0], 1e-6)
     qm = lambda x_, t: mx.quantized_matmul(x_, *t, transpose=True, group_size=gs, bits=4)  # noqa: E731
@@ -191,8 +190,7 @@ def fused_step_variants(record, dname: str, model: str, gs: int, x, qkv_layers, 
         k, v = (mx.random.normal((m, 1, kv_heads * hd), key=kk[i]).astype(dtype) for i in (5, 6))
         cache_k, cache_v = (mx.random.normal((m, kv_heads, 1024, hd), key=kk[7]).astype(dtype) * s for s in (1, 2))
         inv_freq = cuda_q4.rope_inverse_frequencies(hd, 1e6, 1.0, None)
-        got = cuda_q4.attend(q, k, v, cache_k, cache_v, mx.array([position], mx.int32), inv_freq, hd,
-                             init_value=NAN)
+        mx.eval(cache_k, cache_v)
         refs = cuda_q4.attend_reference(q, k, v, cache_k, cache_v, position, inv_freq, hd, False)
         # MLX's own: mx.fast.rope and mx.fast.scaled_dot_product_attention in the dtype, as the engine runs them
         heads_of = lambda t: t.reshape(m, 1, -1, hd).transpose(0, 2, 1, 3)  # noqa: E731
@@ -200,9 +198,14 @@ def fused_step_variants(record, dname: str, model: str, gs: int, x, qkv_layers, 
         ak = mx.concatenate([cache_k[:, :, :position], kr], axis=2)
         av = mx.concatenate([cache_v[:, :, :position], heads_of(v)], axis=2)
         mlx_out = mx.fast.scaled_dot_product_attention(qr, ak, av, scale=hd ** -0.5)
-        record(f"attend {dname} B={m}", f"{model} pos={position}", got[0], refs[0],
+        mx.eval(refs, mlx_out, kr)   # before the kernel writes the new position into the cache, in place
+        out = cuda_q4.attend(q, k, v, cache_k, cache_v, mx.array([position], mx.int32), inv_freq, hd, init_value=NAN)
+        mx.eval(out)
+        record(f"attend {dname} B={m}", f"{model} pos={position}", out, refs[0],
                mlx_out.transpose(0, 2, 1, 3).reshape(q.shape))
-        record(f"attend.k {dname} B={m}", f"{model} pos={position}", got[1], refs[1], kr)
+        record(f"attend.k {dname} B={m}", f"{model} pos={position}", cache_k[:, :, position:position + 1], refs[1], kr)
+        record(f"attend.v {dname} B={m}", f"{model} pos={position}", cache_v[:, :, position:position + 1], refs[2],
+               heads_of(v))
 
 
 # ---------------------------------------------------------------- timing
@@ -346,7 +349,7 @@ def sweep_step(model: str = "qwen2.5-7b", dname: str = "bf16", gs: int = 64) -> 
     dtype = DTYPES[dname]
     print("card:", card(), flush=True)
     h, inter, heads, kv_heads, hd, _, qkv_bias = MODELS[model]
-    eps = mx.array([1e-6], mx.float32)
+    eps = 1e-6
     norm_w = mx.ones((h,), dtype)
     rows = []
 
@@ -503,9 +506,9 @@ def profile_decode(shape: str = "qwen2.5-7b", layers: int = 4, steps: int = 3) -
     from swarm.model.decoder import load_stage
     from swarm.model.generate import prefill
 
-    path = Path(f"/tmp/models/{shape}-{layers}l")
+    path = Path(f"/tmp/models/{shape}" if layers == 0 else f"/tmp/models/{shape}-{layers}l")
     if not (path / "config.json").exists():
-        make_model(shape, path, layers=layers)
+        make_model(shape, path, layers=layers or None)
     stage = load_stage(path)
     marker = mx.fast.cuda_kernel(name=MARKER, input_names=["x"], output_names=["y"], source="y[0] = x[0];")
     one = mx.zeros((1,), mx.float32)
@@ -594,6 +597,50 @@ def overhead(n_ops: int = 200, rounds: int = 10) -> None:
 
 # ---------------------------------------------------------------- decode
 
+def pipeline(shape: str = "qwen2.5-7b", steps: int = 64) -> None:
+    """Host against GPU time per decode step, as shipped: `steps` steps of known tokens queued with
+    async_eval without waiting (wall = the slower of host and GPU) and the same steps one at a time
+    (wall = host + GPU + latency)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_model import make_model
+    from swarm.model.decoder import load_stage
+    from swarm.model.generate import prefill
+
+    path = Path(f"/tmp/models/{shape}")
+    if not (path / "config.json").exists():
+        t0 = time.perf_counter()
+        make_model(shape, path)
+        print(f"made {shape} in {time.perf_counter() - t0:.0f} s", flush=True)
+    stage = load_stage(path)
+    ids = [mx.array([[1000 + i]], dtype=mx.int32) for i in range(steps)]
+    mx.eval(ids)
+    rows = []
+    for rnd in range(3):
+        for mode in ("queued", "one by one"):
+            cache = stage.make_cache()
+            mx.eval(prefill(stage, list(range(1000, 1032)), cache))
+            mx.synchronize()
+            host = 0.0
+            t0 = time.perf_counter()
+            for i in range(steps):
+                t1 = time.perf_counter()
+                out = mx.argmax(stage(ids[i], cache)[0, -1])
+                mx.async_eval(out)
+                host += time.perf_counter() - t1
+                if mode != "queued":
+                    mx.eval(out)
+            mx.synchronize()
+            wall = time.perf_counter() - t0
+            if rnd:
+                rows.append([shape, mode, f"{host / steps * 1e6:.0f}", f"{wall / steps * 1e6:.0f}"])
+                log({"phase": "pipeline", "shape": shape, "mode": mode, "host_us": host / steps * 1e6,
+                     "wall_us": wall / steps * 1e6, "max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+                     "variant": os.environ.get("BENCH_NOTE", "")})
+    print(f"us per decode step ({steps} steps): host (build + async_eval) and wall; {os.environ.get('BENCH_NOTE', '')}"
+          f" ops/buffer {os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'default')}; card: {card()}")
+    print(table(rows, ["model", "mode", "host us", "wall us"]))
+
+
 def host_cost(stage, prompt: list[int], steps: int = 32) -> tuple[float, float]:
     """(us to build one step's graph, us to hand it to the GPU with async_eval) per token, after a prefill."""
     from swarm.model.generate import prefill
@@ -664,6 +711,8 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
         except Exception as e:  # the engine's numbers still count without the reference
             rows.append([shape, "mlx-lm", "-", "", f"{type(e).__name__}: {e}"[:60]])
         names = ["engine"] + (["engine+kernels", "engine+step"] if enabled else [])
+        if os.environ.get("BENCH_VARIANTS"):
+            names = [n for n in names if n in os.environ["BENCH_VARIANTS"].split(",")]
         stages = {name: load(name) for name in names}
         tps, ids = {n: [] for n in names}, {}
         for _ in range(4):   # variants interleaved, so that a slow spell of the host hits them alike
@@ -679,7 +728,7 @@ def decode(shapes=("qwen2.5-0.5b", "qwen2.5-7b"), tokens: int = 128) -> None:
                 tps[name].append(t.decode_tps)
         for name in names:
             build, launch = host_cost(stages[name], prompt)
-            same = "" if name == "engine" else ("same tokens" if ids[name] == ids["engine"] else
+            same = "" if name == "engine" or "engine" not in ids else ("same tokens" if ids[name] == ids["engine"] else
                                                 f"{sum(a == b for a, b in zip(ids[name], ids['engine']))}/{tokens} same")
             rows.append([shape, name, f"{statistics.median(tps[name][1:]):.1f}", f"{build:.0f} + {launch:.0f}",
                          f"max {max(tps[name]):.1f} {same}"])
@@ -707,7 +756,9 @@ if __name__ == "__main__":
     elif phase == "profile-table":
         profile_table(sys.argv[2])
     elif phase == "profile-decode":
-        profile_decode()
+        profile_decode(*sys.argv[2:3], *(int(a) for a in sys.argv[3:4]))
+    elif phase == "pipeline":
+        pipeline(*sys.argv[2:3])
     elif phase == "profile-decode-table":
         profile_decode_table(sys.argv[2])
     elif phase == "overhead":

@@ -127,6 +127,28 @@ def test_cache_grows_past_its_step():
     np.testing.assert_allclose(np.array(step), np.array(full[-1]), rtol=1e-4, atol=1e-4)
 
 
+def test_cache_bookkeeping_of_in_place_writes():
+    # The fused CUDA step writes a position into keys/values in place and reports it with written_in_place;
+    # the cache must count it, hand the step's output to the next step, and settle before it copies.
+    from swarm.model.decoder import KVCache
+    cache = KVCache()
+    k = mx.random.normal((1, 2, 5, 4), key=mx.random.key(0))
+    cache.append(k, k * 2)
+    cache.reserve(1)
+    assert cache.keys.shape[2] == 256 and cache.last_write is None
+    step_out = mx.ones((1, 1, 8)) * 3
+    cache.written_in_place(step_out)
+    assert cache.offset == 6 and cache.last_write is step_out
+    cache.reserve(300)                      # grows, after waiting for the step; keeps what was written
+    assert cache.last_write is None and cache.keys.shape == (1, 2, 512, 4) and cache.offset == 6
+    np.testing.assert_array_equal(np.array(cache.keys[..., :5, :]), np.array(k))
+    np.testing.assert_array_equal(np.array(cache.values[..., :5, :]), np.array(k * 2))
+    cache.written_in_place(step_out)
+    cache.append(k[..., :2, :], k[..., :2, :])  # a slice update settles too
+    assert cache.last_write is None and cache.offset == 9
+    np.testing.assert_array_equal(np.array(cache.keys[..., 7:9, :]), np.array(k[..., :2, :]))
+
+
 # --- bad checkpoints: clear errors naming the file and the tensor ------------------------------------
 
 def copy_fixture(tmp_path, name="tiny-qwen2-4bit"):

@@ -24,32 +24,59 @@ from swarm.tensorfile import TensorInfo
 
 
 class KVCache:
-    """Keys and values of one layer for one session, grown in steps of `step` positions."""
+    """Keys and values of one layer for one session, grown in steps of `step` positions.
+
+    The fused decode step (cuda_q4.DecodeStep) writes its position into keys/values in place, where MLX
+    cannot see it: within one graph, an op reading the arrays could run before that write unless it
+    depends on the step's output. So the output of the last such step is kept (`last_write`): the next
+    fused step takes it as an input, and an append or a growth (a slice update, a copy) waits for it.
+    A decode loop evaluates each step before it builds the next, and then that wait finds the work done.
+    """
 
     step = 256
 
     def __init__(self):
         self.keys = self.values = None
         self.offset = 0
+        self.last_write: mx.array | None = None
 
     def append(self, k: mx.array, v: mx.array) -> None:
         # k, v: (batch, kv_heads, new, head_dim)
         start, end = self.offset, self.offset + k.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            capacity = -(-end // self.step) * self.step
-            self.keys, self.values = self._grown(self.keys, k, capacity), self._grown(self.values, v, capacity)
+        self._settle()
+        self.reserve(end - start, k)
         self.keys[..., start:end, :] = k
         self.values[..., start:end, :] = v
         self.offset = end
+
+    def reserve(self, n: int, like: mx.array | None = None) -> None:
+        """Capacity for n more positions (`like`: new keys, for the shape of a first allocation)."""
+        end = self.offset + n
+        if self.keys is None or end > self.keys.shape[2]:
+            self._settle()
+            capacity = -(-end // self.step) * self.step
+            self.keys, self.values = (self._grown(self.keys, like, capacity),
+                                      self._grown(self.values, like, capacity))
+
+    def written_in_place(self, step_output: mx.array) -> None:
+        """One position was written into keys/values in place by the op giving step_output."""
+        self.offset += 1
+        self.last_write = step_output
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         self.append(k, v)
         return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
 
-    def _grown(self, old: mx.array | None, new: mx.array, capacity: int) -> mx.array:
-        B, heads, _, dim = new.shape
+    def _settle(self) -> None:
+        if self.last_write is not None:
+            mx.eval(self.last_write)
+            self.last_write = None
+
+    def _grown(self, old: mx.array | None, like: mx.array, capacity: int) -> mx.array:
+        src = like if old is None else old
+        B, heads, _, dim = src.shape
         kept = 0 if old is None else self.offset
-        room = mx.zeros((B, heads, capacity - kept, dim), new.dtype)
+        room = mx.zeros((B, heads, capacity - kept, dim), src.dtype)
         return room if old is None else mx.concatenate([old[..., :kept, :], room], axis=2)
 
     @property
@@ -137,11 +164,10 @@ class Block(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         if (self.decode_step is not None and x.shape[1] == 1 and cache.keys is not None
                 and cache.offset < cuda_q4.MAX_POSITIONS):
-            position = mx.array([cache.offset], dtype=mx.int32)
-            done = self.decode_step(x, cache.keys, cache.values, position)
-            if done is not None:
-                out, k, v = done
-                cache.append(k, v)
+            cache.reserve(1)
+            out = self.decode_step(x, cache.keys, cache.values, cuda_q4.position(cache.offset), cache.last_write)
+            if out is not None:
+                cache.written_in_place(out)
                 return out
         h = x + self.self_attn(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
         return h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
