@@ -413,8 +413,8 @@ def header(kind: str) -> str:
 
 
 # Kernel bodies: MLX writes the signature (inputs as `const T* name`, `name_shape` where used, then the
-# outputs) and the template constants (T, M, R, SPLIT, WPB, GS, ...) above the body. Variants: `_norm`
-# takes the RMS-norm weight of its input (nw) and its epsilon as the template constant EPS (the float's
+# outputs); kernel_body() declares the constants (T, M, R, SPLIT, WPB, GS, ...) above the body. Variants:
+# `_norm` takes the RMS-norm weight of its input (nw) and its epsilon as the constant EPS (the float's
 # bits: a constant costs no memory read), `_res` a residual added to the output, `_bias` q/k/v's linear
 # biases.
 def _spec(kind: str, norm: bool = False, res: bool = False, bias: bool = False) -> tuple[list, list, str]:
