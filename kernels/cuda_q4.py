@@ -655,7 +655,7 @@ def q4_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
     found = matvec_plan(x, (weight, scales, biases), group_size, norm, residual, config, max_rows)
     if found is None:
         return None
-    extra = ([norm[0]] if norm else []) + ([residual] if residual is not None else [])
+    extra = [*(norm or ())[:1], *([residual] if residual is not None else [])]
     return _launch(found[0], found[1], [x, weight, scales, biases, *extra], x.dtype, init_value)[0]
 
 

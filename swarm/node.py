@@ -231,9 +231,9 @@ class Node:
         stage = self.plan_stage
         return {**self.advertisement(), "addr": self.addr, "port": self.config.port, "state": self.stage_state,
                 "epoch": self.epoch, "layers": [stage.start, stage.end] if stage else [],
-                "used": self.stage.nbytes if self.stage else 0, "downloads": self.downloads, "sessions": len(self.runner.sessions),
-                "coordinator": self.is_coordinator, "open": not self.config.cluster_key}
-
+                "used": self.stage.nbytes if self.stage else 0, "downloads": self.downloads,
+                "sessions": len(self.runner.sessions), "coordinator": self.is_coordinator,
+                "open": not self.config.cluster_key}
 
     # --- membership ----------------------------------------------------------------------------------
 
