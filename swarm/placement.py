@@ -1,25 +1,31 @@
 """Placement: which node holds which layers. Pure functions of (model cost, node offers, topology).
 
 A plan is a pipeline of stages, each one node holding a contiguous layer range [start, end); the
-first stage also holds the embedding, the last the final norm and lm_head. Strategies:
+first stage also holds the embedding, the last the final norm and lm_head. The strategies give each
+node at most one stage; a topology may give a node several (blocks that do not join up), never two
+in a row. Strategies:
 
 - fastest (default): fewest nodes, fastest first. A pipeline at batch 1 pays per layer and per hop,
   so the plan uses as few nodes as can hold the model, picks the fastest such set, and fills its
   nodes in speed order, each with as many layers as fit its budget. A model that fits on one node
   is not split.
 - proportional: exo's memory-weighted split over every node, checked against budgets.
-- topology: a person's topology YAML, validated (see topology/).
+- topology: a person's topology YAML, validated (see topology/); the source node takes the layers
+  a file lists for no one, and a file whose nodes all have `layers: []` is placed by the strategy.
+
+A model that does not fit fails with what it needs and what the swarm offers, and, when a shorter
+--max-context would make it fit, with the longest that would.
 
 Ties are broken by node id, so the same input always gives the same plan.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import accumulate
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-from topology import Topology, TopologyError, format_size, validate
+from topology import Topology, TopologyError, format_size, pipeline, validate
 
 __all__ = [
     "NodeOffer", "ModelCost", "Stage", "Plan", "PlacementError", "kv_bytes_per_layer",
@@ -50,6 +56,7 @@ class ModelCost:
     embed_bytes: int
     head_bytes: int  # final norm + lm_head (or the embedding again when tied): the caller decides
     kv_bytes_per_layer: int
+    max_context: int = 0  # the tokens kv_bytes_per_layer holds (--max-context); 0 when unknown
 
     def __post_init__(self):
         sizes = (*self.layer_bytes, self.embed_bytes, self.head_bytes, self.kv_bytes_per_layer)
@@ -84,10 +91,16 @@ class Plan:
     strategy: str
 
     def node_ids(self) -> tuple[str, ...]:
-        return tuple(s.node_id for s in self.stages)
+        """The nodes of the pipeline, each once, in the order of their first stage."""
+        return tuple(dict.fromkeys(s.node_id for s in self.stages))
 
     def stage_of(self, node_id: str) -> Stage | None:
+        """The node's stage (its first, when a topology gives it several), None when it has none."""
         return next((s for s in self.stages if s.node_id == node_id), None)
+
+    def stages_of(self, node_id: str) -> tuple[Stage, ...]:
+        """Every stage the node runs, in pipeline order."""
+        return tuple(s for s in self.stages if s.node_id == node_id)
 
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "stages": [asdict(s) for s in self.stages]}
@@ -103,27 +116,73 @@ class Plan:
             raise ValueError(f"malformed plan: {e!r}") from None
         ends = [0] + [s.end for s in stages]
         if not stages or any(s.start != e or s.end <= s.start for s, e in zip(stages, ends)) \
-                or len(set(plan.node_ids())) != len(stages) \
+                or any(a.node_id == b.node_id for a, b in zip(stages, stages[1:])) \
                 or any(s.first != (i == 0) or s.last != (i == len(stages) - 1) for i, s in enumerate(stages)):
-            raise ValueError("malformed plan: stages must be contiguous from layer 0, one per node, flags right")
+            raise ValueError("malformed plan: stages must be contiguous from layer 0, two in a row on different "
+                             "nodes, flags right")
         return plan
 
 
 class PlacementError(ValueError):
     """The model does not fit: says what it needs and what the swarm offers."""
 
-    def __init__(self, cost: ModelCost, nodes: Iterable[NodeOffer], why: str = "the model does not fit"):
+    def __init__(self, cost: ModelCost, nodes: Iterable[NodeOffer], why: str = "the model does not fit",
+                 context_that_fits: int | None = None):
         nodes = list(nodes)
+        self.why = why
         self.needed = cost.total_bytes()
         self.offered = {n.node_id: n.budget_bytes for n in nodes}
+        self.context_that_fits = context_that_fits
         layers = sum(cost.layer_bytes)
         kv = cost.kv_bytes_per_layer * cost.num_layers
         offers = ", ".join(f"{n.name} ({n.node_id}) {format_size(n.budget_bytes)}" for n in nodes) or "no nodes"
+        hint = ""
+        if context_that_fits:
+            shorter = _kv_for(cost, context_that_fits) * cost.num_layers
+            hint = (f"; with --max-context {context_that_fits} or less it would fit (KV cache {format_size(shorter)} "
+                    f"instead of {format_size(kv)} for {cost.max_context} tokens)")
         super().__init__(
             f"{why}: the model needs {format_size(self.needed)} ({self.needed} bytes: {cost.num_layers} layers "
             f"{format_size(layers)} + KV cache {format_size(kv)} + embedding {format_size(cost.embed_bytes)} "
             f"+ head {format_size(cost.head_bytes)}); the swarm offers {format_size(sum(self.offered.values()))} "
-            f"in all: {offers}")
+            f"in all: {offers}{hint}")
+
+
+def _kv_for(cost: ModelCost, context: int) -> int:
+    """kv_bytes_per_layer for `context` tokens instead of cost.max_context."""
+    return -(-cost.kv_bytes_per_layer * context // cost.max_context)
+
+
+def _longest_context_that_fits(planner: Callable[[ModelCost, list[NodeOffer]], Plan], cost: ModelCost,
+                               nodes: list[NodeOffer]) -> int | None:
+    """The largest --max-context below cost.max_context for which planner finds a plan; None when none does."""
+    if cost.max_context <= 1 or cost.kv_bytes_per_layer == 0:
+        return None
+
+    def fits(context: int) -> bool:
+        try:
+            planner(replace(cost, kv_bytes_per_layer=_kv_for(cost, context), max_context=context), nodes)
+            return True
+        except PlacementError:
+            return False
+
+    if not fits(1):
+        return None
+    lo, hi = 1, cost.max_context - 1  # fits(lo) holds; the cost only grows with the context
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _with_context_hint(planner: Callable[[ModelCost, list[NodeOffer]], Plan], cost: ModelCost,
+                       nodes: Iterable[NodeOffer]) -> Plan:
+    """planner's plan; its PlacementError raised again with the longest --max-context that would fit."""
+    nodes = _check_nodes(nodes)
+    try:
+        return planner(cost, nodes)
+    except PlacementError as e:
+        raise PlacementError(cost, nodes, e.why, _longest_context_that_fits(planner, cost, nodes)) from None
 
 
 def _check_nodes(nodes: Iterable[NodeOffer]) -> list[NodeOffer]:
@@ -170,6 +229,10 @@ def _by_speed(nodes: Iterable[NodeOffer]) -> list[NodeOffer]:
 
 def plan_fastest(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
     """Fewest nodes; among those, the fastest set (compared fastest node first); filled in speed order."""
+    return _with_context_hint(_plan_fastest, cost, nodes)
+
+
+def _plan_fastest(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
     ranked = _by_speed(_check_nodes(nodes))
     fill = _Filler(cost)
     if len(ranked) > EXACT_SEARCH_MAX_NODES:
@@ -212,6 +275,10 @@ def plan_fastest(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
 
 def plan_proportional(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
     """Layers split over all nodes in proportion to their budgets (as exo does), largest budget first."""
+    return _with_context_hint(_plan_proportional, cost, nodes)
+
+
+def _plan_proportional(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
     ordered = sorted(_check_nodes(nodes), key=lambda n: (-n.budget_bytes, n.node_id))
     total = sum(n.budget_bytes for n in ordered)
     if total <= 0:
@@ -230,22 +297,28 @@ def plan_proportional(cost: ModelCost, nodes: Iterable[NodeOffer]) -> Plan:
     return Plan(tuple(stages), "proportional")
 
 
-def plan_from_topology(topo: Topology, cost: ModelCost, nodes_by_name: Mapping[str, NodeOffer]) -> Plan:
-    """The plan a topology pins, after validation. Raises TopologyError naming each problem's line."""
+STRATEGIES = {"fastest": plan_fastest, "proportional": plan_proportional}
+
+
+def plan_from_topology(topo: Topology, cost: ModelCost, nodes_by_name: Mapping[str, NodeOffer],
+                       source: str | None = None, strategy: str = "fastest") -> Plan:
+    """The plan a topology pins, after validation. Raises TopologyError naming each problem's line.
+
+    source is the name of the node that runs --model: when the file does not list it, it takes the
+    layers the file gives no one (cake's master does the same). A file whose nodes all have
+    `layers: []` is placed by `strategy` over its nodes and the source.
+    """
     issues = validate(topo, cost.num_layers, known_nodes=set(nodes_by_name),
                       budgets={k: v.budget_bytes for k, v in nodes_by_name.items()},
-                      layer_cost=lambda _name, s, e, first, last: cost.stage_bytes(s, e, first, last))
+                      layer_cost=lambda _name, s, e, first, last: cost.stage_bytes(s, e, first, last), source=source)
     if issues:
         raise TopologyError(issues, topo.source)
-    n, stages = cost.num_layers, []
-    for name, s, e in topo.placement():
-        if stages and stages[-1].node_id == nodes_by_name[name].node_id:  # adjoining entries of one node
-            s = stages.pop().start
-        stages.append(Stage(nodes_by_name[name].node_id, s, e, s == 0, e == n, cost.stage_bytes(s, e, s == 0, e == n)))
-    return Plan(tuple(stages), "topology")
-
-
-STRATEGIES = {"fastest": plan_fastest, "proportional": plan_proportional}
+    if topo.automatic:
+        names = list(topo.nodes) + ([source] if source is not None and source not in topo.nodes else [])
+        return Plan(make_plan(cost, [nodes_by_name[n] for n in names], strategy).stages, "topology")
+    n = cost.num_layers
+    return Plan(tuple(Stage(nodes_by_name[name].node_id, s, e, s == 0, e == n, cost.stage_bytes(s, e, s == 0, e == n))
+                      for name, s, e in pipeline(topo, n, source)), "topology")
 
 
 def make_plan(cost: ModelCost, nodes: Iterable[NodeOffer], strategy: str = "fastest") -> Plan:

@@ -365,36 +365,41 @@ def ensure_shard(profile: ModelProfile, start: int, end: int, first: bool, last:
 _NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
-def split_model(model_dir: str | os.PathLike, topology_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """`cake-swarm split`: one shard folder per node of the topology, DIR/<node name>/; returns them in file order.
+def split_model(model_dir: str | os.PathLike, topology_path: str | os.PathLike, out_dir: str | os.PathLike,
+                source: str | None = None) -> list[Path]:
+    """`cake-swarm split`: the shard folder of every stage of the topology; returns them in pipeline order.
 
-    The topology is validated for this model first (every layer exactly once, one contiguous range a node);
-    nodes that hold no layers get no folder."""
-    from topology import TopologyError, parse, validate
+    A node with one stage gets DIR/<node name>/; a node holding blocks that do not join up gets one
+    folder per block, DIR/<node name>.<A>-<B>/ (its layers, inclusive). A file may leave layers to no
+    one (cake's worker-only files): those belong to the node started with --model, which has the whole
+    model; they are written as `source`'s only when a source name is given. The topology is validated for
+    this model first (every layer exactly once); nodes that hold no layers get no folder."""
+    from topology import TopologyError, parse, pipeline, validate
 
     profile = profile_model(model_dir)
     path = Path(topology_path)
+    holder = source or "the node started with --model"  # a name no file can list by accident
     try:
         topo = parse(path.read_text(), source=str(path))
-        issues = validate(topo, profile.num_layers)
+        if topo.automatic:
+            raise ShardError(f"{path}: every node has layers: [] (assign automatically): the swarm places those "
+                             f"when it starts; split needs the layers written out")
+        issues = validate(topo, profile.num_layers, source=holder)
         if issues:
             raise TopologyError(issues, str(path))
     except OSError as e:
         raise ShardError(f"{path}: cannot read ({e.strerror})") from None
     except TopologyError as e:
         raise ShardError(str(e)) from None
-    stages = []
-    for name, node in topo.nodes.items():
-        if not node.layers:
-            continue
+    stages = [(name, s, e) for name, s, e in pipeline(topo, profile.num_layers, holder) if source or name != holder]
+    for name, _, _ in stages:
         if not _NODE_NAME.fullmatch(name):
             raise ShardError(f"{path}: node name {name!r} cannot be a folder name")
-        ranges = sorted(node.layers)
-        stages.append((name, ranges[0][0], ranges[-1][1]))
+    blocks = {name: sum(1 for n, _, _ in stages if n == name) for name, _, _ in stages}
     out = Path(out_dir)
     folders = []
     for name, start, end in stages:
-        folder = out / name
+        folder = out / (name if blocks[name] == 1 else f"{name}.{start}-{end - 1}")
         write_shard_folder(profile, start, end, start == 0, end == profile.num_layers, folder)
         folders.append(folder)
     return folders

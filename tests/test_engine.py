@@ -1,4 +1,5 @@
-"""The engine against references: mlx-lm's outputs for its own checkpoints, and clear errors for bad ones."""
+"""The engine against references: mlx-lm's outputs for checkpoints it wrote (tests/conftest.py builds
+them from fixed seeds), and clear errors for bad ones."""
 
 import json
 import shutil
@@ -12,8 +13,7 @@ from swarm.model.config import ModelError
 from swarm.model.decoder import load_stage
 from tests.mlxlm_reference import reference_logits, write_checkpoint
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-FIXTURE_NAMES = ["tiny-qwen2-4bit", "stories260K-4bit-mlxlm"]
+CHECKPOINTS = ["tiny_qwen2", "tiny_llama"]
 
 
 def greedy(stages, prompt, steps):
@@ -33,42 +33,38 @@ def greedy(stages, prompt, steps):
     return tokens, first
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixture_float32_matches_mlx_lm(name):
-    folder = FIXTURES / name
-    ref = json.loads((folder / "reference.json").read_text())
-    tokens, logits = greedy([load_stage(folder, dtype=mx.float32)], ref["prompt"], len(ref["greedy_float32"]))
-    assert tokens == ref["greedy_float32"]
-    expected = np.load(folder / "first_logits_float32.npy")
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_checkpoint_float32_matches_mlx_lm(request, name):
+    ref = request.getfixturevalue(name)
+    tokens, logits = greedy([load_stage(ref.folder, dtype=mx.float32)], ref.prompt, len(ref.greedy_float32))
+    assert tokens == ref.greedy_float32
+    expected = ref.first_logits_float32
     assert np.max(np.abs(np.array(logits) - expected)) <= 1e-4 * np.max(np.abs(expected))
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixture_as_stored_dtype_matches_mlx_lm(name):
-    folder = FIXTURES / name
-    ref = json.loads((folder / "reference.json").read_text())
-    stored = mx.bfloat16 if "qwen" in name else mx.float32
-    tokens, _ = greedy([load_stage(folder, dtype=stored)], ref["prompt"], len(ref["greedy_as_stored_dtype"]))
-    assert tokens == ref["greedy_as_stored_dtype"]
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_checkpoint_as_stored_dtype_matches_mlx_lm(request, name):
+    ref = request.getfixturevalue(name)
+    tokens, _ = greedy([load_stage(ref.folder, dtype=ref.stored_dtype)], ref.prompt, len(ref.greedy_as_stored))
+    assert tokens == ref.greedy_as_stored
 
 
-def test_cpu_policy_is_float32():
-    assert load_stage(FIXTURES / "tiny-qwen2-4bit").dtype == mx.float32
+def test_cpu_policy_is_float32(tiny_qwen2):
+    assert load_stage(tiny_qwen2.folder).dtype == mx.float32
 
 
 @pytest.mark.parametrize("cuts", [[0, 6], [0, 2, 4, 6], [0, 1, 5, 6], [0, 3, 6]])
-def test_stages_chained_equal_whole_model(cuts):
-    folder = FIXTURES / "tiny-qwen2-4bit"
-    ref = json.loads((folder / "reference.json").read_text())
-    stages = [load_stage(folder, a, b) for a, b in zip(cuts, cuts[1:])]
+def test_stages_chained_equal_whole_model(tiny_qwen2, cuts):
+    ref = tiny_qwen2
+    stages = [load_stage(ref.folder, a, b) for a, b in zip(cuts, cuts[1:])]
     assert [s.spec.first for s in stages] == [True] + [False] * (len(stages) - 1)
     assert [s.spec.last for s in stages] == [False] * (len(stages) - 1) + [True]
-    tokens, _ = greedy(stages, ref["prompt"], 20)
-    assert tokens == ref["greedy_float32"][:20]
+    tokens, _ = greedy(stages, ref.prompt, 20)
+    assert tokens == ref.greedy_float32[:20]
 
 
-def test_middle_stage_reads_only_its_layers():
-    stage = load_stage(FIXTURES / "tiny-qwen2-4bit", 2, 4)
+def test_middle_stage_reads_only_its_layers(tiny_qwen2):
+    stage = load_stage(tiny_qwen2.folder, 2, 4)
     assert "embed_tokens" not in stage and "lm_head" not in stage and len(stage.layers) == 2
     h = stage(mx.zeros((1, 3, 256)), stage.make_cache())
     assert h.shape == (1, 3, 256)
@@ -115,15 +111,14 @@ def test_mixed_quantization_overrides(tmp_path):
     assert greedy([stage], prompt, 10)[0] == ref_tokens
 
 
-def test_cache_grows_past_its_step():
-    folder = FIXTURES / "stories260K-4bit-mlxlm"
-    stage = load_stage(folder, dtype=mx.float32)
+def test_cache_grows_past_its_step(tiny_llama):
+    stage = load_stage(tiny_llama.folder, dtype=mx.float32)
     cache = stage.make_cache()
     ids = list(range(3, 300))
     full = stage(mx.array([ids]), stage.make_cache(), all_logits=True)[0]
     for i, t in enumerate(ids):
         step = stage(mx.array([[t]]), cache)[0, -1]
-    assert cache[0].offset == len(ids) and cache[0].keys.shape[2] == 512
+    assert cache[0].offset == len(ids) and cache[0].keys.shape[-2] == 512  # positions are the second-last axis
     np.testing.assert_allclose(np.array(step), np.array(full[-1]), rtol=1e-4, atol=1e-4)
 
 
@@ -151,12 +146,10 @@ def test_cache_bookkeeping_of_in_place_writes():
 
 # --- bad checkpoints: clear errors naming the file and the tensor ------------------------------------
 
-def copy_fixture(tmp_path, name="tiny-qwen2-4bit"):
-    dst = tmp_path / name
-    shutil.copytree(FIXTURES / name, dst)
-    for p in dst.iterdir():
-        p.chmod(0o644)
-    return dst
+@pytest.fixture
+def qwen_copy(tmp_path, tiny_qwen2):
+    """A copy of the Qwen2-shaped checkpoint to break."""
+    return Path(shutil.copytree(tiny_qwen2.folder, tmp_path / "tiny-qwen2-4bit"))
 
 
 def rewrite_header(folder, change):
@@ -177,16 +170,16 @@ def drop_from_index(folder, name):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-def test_missing_tensor(tmp_path):
-    folder = copy_fixture(tmp_path)
+def test_missing_tensor(qwen_copy):
+    folder = qwen_copy
     rewrite_header(folder, lambda h: h.pop("model.layers.3.mlp.up_proj.scales"))
     drop_from_index(folder, "model.layers.3.mlp.up_proj.scales")
     with pytest.raises(ModelError, match=r"model\.layers\.3\.mlp\.up_proj\.scales.*missing"):
         load_stage(folder)
 
 
-def test_wrong_shape(tmp_path):
-    folder = copy_fixture(tmp_path)
+def test_wrong_shape(qwen_copy):
+    folder = qwen_copy
 
     def change(h):
         h["model.norm.weight"]["shape"] = [128, 2]
@@ -195,8 +188,8 @@ def test_wrong_shape(tmp_path):
         load_stage(folder)
 
 
-def test_unknown_model_type(tmp_path):
-    folder = copy_fixture(tmp_path)
+def test_unknown_model_type(qwen_copy):
+    folder = qwen_copy
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "gpt_bigcode"
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -204,8 +197,8 @@ def test_unknown_model_type(tmp_path):
         load_stage(folder)
 
 
-def test_truncated_file(tmp_path):
-    folder = copy_fixture(tmp_path)
+def test_truncated_file(qwen_copy):
+    folder = qwen_copy
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(ModelError, match=r"model\.safetensors: tensor '.*'.*truncated"):
@@ -213,16 +206,16 @@ def test_truncated_file(tmp_path):
 
 
 @pytest.mark.parametrize("garbage", [b"\xff" * 8 + b"{}", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!", b"abc"])
-def test_corrupt_header(tmp_path, garbage):
-    folder = copy_fixture(tmp_path)
+def test_corrupt_header(qwen_copy, garbage):
+    folder = qwen_copy
     path = folder / "model.safetensors"
     path.write_bytes(garbage + path.read_bytes()[len(garbage):] if len(garbage) > 3 else garbage)
     with pytest.raises(ModelError, match=r"model\.safetensors: "):
         load_stage(folder)
 
 
-def test_bad_offsets(tmp_path):
-    folder = copy_fixture(tmp_path)
+def test_bad_offsets(qwen_copy):
+    folder = qwen_copy
 
     def change(h):
         h["lm_head.scales"]["data_offsets"][1] += 4
@@ -231,11 +224,11 @@ def test_bad_offsets(tmp_path):
         load_stage(folder)
 
 
-def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
+def test_cli_reports_a_bad_checkpoint_without_a_traceback(qwen_copy):
     import subprocess
     import sys
 
-    folder = copy_fixture(tmp_path)
+    folder = qwen_copy
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", str(folder), "--prompt-ids", "1,2,3"],

@@ -1,6 +1,5 @@
-"""The demo model against llama2.c: stories260K converted to float32, greedy from BOS, gives run.c's text."""
-
-from pathlib import Path
+"""The demo model against llama2.c: stories260K converted to float32, greedy from BOS, gives run.c's text
+and stops where run.c stops (at the next BOS). Skips without the demo's files."""
 
 import mlx.core as mx
 import pytest
@@ -9,9 +8,9 @@ from swarm.model.convert import convert_llama2c
 from swarm.model.decoder import load_stage
 from swarm.model.generate import generate_text
 from swarm.model.sampling import SamplingParams
+from swarm.model.generate import Completion, generate_ids
 from swarm.model.tokenizer import Tokenizer
-
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+from tests.checkpoints import require_demo
 
 # karpathy/llama2.c doc/stories260K.md: `./run stories260K/stories260K.bin -z stories260K/tok512.bin -t 0.0`
 # (run.c's default of 256 steps: 256 tokens generated after BOS).
@@ -28,7 +27,7 @@ LLAMA2C_REFERENCE = (
 
 @pytest.fixture(scope="module")
 def float32_demo(tmp_path_factory):
-    return convert_llama2c(STORIES, tmp_path_factory.mktemp("stories260K-f32"))
+    return convert_llama2c(require_demo(), tmp_path_factory.mktemp("stories260K-f32"))
 
 
 def test_greedy_from_bos_reproduces_llama2c(float32_demo):
@@ -44,3 +43,18 @@ def test_converted_config_is_llama2c_shaped(float32_demo):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == \
         (64, 5, 8, 4, 512)
     assert cfg.rope_traditional and not stage.layers[0].mlp.down_proj.quantized
+
+
+def test_a_story_ends_where_run_c_stops(float32_demo):
+    """run.c ends at the first BOS it samples (id 1); so must every path, which all read the end ids from
+    the checkpoint's config: the stream stops at that BOS and does not print it."""
+    stage = load_stage(float32_demo, dtype=mx.float32)
+    tokenizer = Tokenizer.load(float32_demo)
+    prompt = tokenizer.encode("Once upon a time")
+    free = list(generate_ids(stage, prompt, SamplingParams(max_tokens=1000)))
+    end = free.index(1)
+    assert 0 < end < 1000
+    done = Completion()
+    text = "".join(generate_text(stage, tokenizer, prompt, SamplingParams(max_tokens=1000), None, done))
+    assert done.token_ids == free[:end + 1] and done.finish_reason == "stop"
+    assert text == tokenizer.decode(free[:end]) and text.rstrip('"').endswith(('.', '!'))  # the story's last sentence

@@ -5,10 +5,12 @@ from itertools import combinations, permutations
 
 import cbor2
 import pytest
+import yaml
 from hypothesis import assume, given, settings, strategies as st
 
 from swarm.placement import (ModelCost, NodeOffer, Plan, PlacementError, Stage, kv_bytes_per_layer,
                              make_plan, plan_fastest, plan_from_topology, plan_proportional)
+from tests.test_topology import cake_reads
 from topology import TopologyError, parse, render
 
 
@@ -233,3 +235,116 @@ def test_plan_from_topology_merges_entries_and_checks_budgets():
     assert [i.line for i in e.value.errors] == [3] and "budget is 200B" in str(e.value)
     with pytest.raises(TopologyError, match="'pad' is not in the swarm"):
         plan_from_topology(topo, cost, {"mac": nodes["mac"]})
+
+
+# ---------------------------------------------------------------- cake's files, several stages on a node
+
+def test_a_plan_may_run_a_node_twice_but_never_twice_in_a_row():
+    stages = (Stage("m", 0, 2, True, False, 1), Stage("w", 2, 3, False, False, 1), Stage("m", 3, 5, False, True, 1))
+    plan = Plan.from_dict(Plan(stages, "topology").to_dict())
+    assert plan.stages == stages and plan.node_ids() == ("m", "w")
+    assert plan.stages_of("m") == (stages[0], stages[2]) and plan.stage_of("m") == stages[0]
+    assert plan.stages_of("x") == () and plan.stage_of("x") is None
+
+
+def offers(**budgets):
+    return {name: NodeOffer(f"id-{name}", name, budget, 1.0) for name, budget in budgets.items()}
+
+
+def test_a_workers_only_file_gives_the_rest_to_the_source():
+    cost = ModelCost((100,) * 8, 50, 60, 10)
+    topo = parse("gpu:\n  host: '10.0.0.2:10128'\n  layers:\n    - 'model.layers.3-5'\n")
+    nodes = offers(mac=1000, gpu=1000)
+    plan = plan_from_topology(topo, cost, nodes, source="mac")
+    assert [(s.node_id, s.start, s.end, s.first, s.last) for s in plan.stages] == [
+        ("id-mac", 0, 3, True, False), ("id-gpu", 3, 6, False, False), ("id-mac", 6, 8, False, True)]
+    assert [s.bytes for s in plan.stages] == [cost.stage_bytes(s.start, s.end, s.first, s.last) for s in plan.stages]
+    # both of the source's stages must fit its budget together
+    together = plan.stages[0].bytes + plan.stages[2].bytes
+    with pytest.raises(TopologyError, match="'mac' needs .* layers 0-2, layers 6-7 \\+ embedding \\+ head"):
+        plan_from_topology(topo, cost, offers(mac=together - 1, gpu=1000), source="mac")
+    with pytest.raises(TopologyError, match="layers 0-2 not placed"):
+        plan_from_topology(topo, cost, nodes)  # no source: the file must place every layer
+
+
+def test_empty_layers_everywhere_place_by_the_strategy_over_the_file_and_the_source():
+    cost = ModelCost((100,) * 8, 50, 60, 10)
+    topo = parse("a:\n  host: 'a:1'\n  layers: []\nb:\n  host: 'b:1'\n  layers: []\n")
+    nodes = {**offers(src=500, a=2000, b=2000), "c": NodeOffer("id-c", "c", 10**6, 9.0)}  # c is not in the file
+    plan = plan_from_topology(topo, cost, nodes, source="src", strategy="proportional")
+    assert plan.strategy == "topology" and set(plan.node_ids()) == {"id-src", "id-a", "id-b"}
+    assert plan.stages == plan_proportional(cost, [nodes[n] for n in ("a", "b", "src")]).stages
+
+
+def test_a_plan_with_a_node_twice_round_trips_through_both_layouts():
+    cost = ModelCost((100,) * 8, 50, 60, 10)
+    nodes = offers(mac=1000, gpu=1000, pad=1000)
+    topo = parse("mac:\n  layers: [model.layers.0-1, model.layers.6-7]\ngpu:\n  layers: [model.layers.2-3]\n"
+                 "pad:\n  layers: [model.layers.4-5]\n")
+    plan = plan_from_topology(topo, cost, nodes)
+    assert [s.node_id for s in plan.stages] == ["id-mac", "id-gpu", "id-pad", "id-mac"]
+    names = {n.node_id: n.name for n in nodes.values()}
+    hosts = {n.node_id: f"{n.name}.local:10128" for n in nodes.values()}
+    assert plan_from_topology(parse(render(plan, names=names, hosts=hosts)), cost, nodes) == plan
+    cake = render(plan, names=names, hosts=hosts, cake=True, master="id-mac")
+    assert "mac" not in yaml.safe_load(cake)
+    assert cake_reads(cake) == {f"model.layers.{i}": n for n, r in (("gpu", (2, 3)), ("pad", (4, 5))) for i in r}
+    assert plan_from_topology(parse(cake), cost, nodes, source="mac") == plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.data())
+def test_plans_round_trip_through_cakes_layout_with_any_source(case, data):
+    cost, nodes = case
+    plan = plan_or_none(plan_fastest, cost, nodes)
+    assume(plan is not None)
+    master = data.draw(st.sampled_from(nodes))
+    names = {n.node_id: n.name for n in nodes}
+    hosts = {n.node_id: f"10.0.0.{i}:10128" for i, n in enumerate(nodes)}
+    cake = render(plan, names=names, hosts=hosts, cake=True, master=master.node_id)
+    assert cake_reads(cake) == {f"model.layers.{i}": names[s.node_id] for s in plan.stages
+                                if s.node_id != master.node_id for i in range(s.start, s.end)}
+    again = plan_from_topology(parse(cake), cost, {n.name: n for n in nodes}, source=master.name)
+    assert again.stages == plan.stages
+
+
+# ---------------------------------------------------------------- a shorter --max-context
+
+def test_no_split_fits_says_which_max_context_would_fit():
+    # 3 layers of 1000 bytes, each with 501 bytes of KV cache for 1000 tokens; nodes of 3000 and 1600 bytes
+    cost = ModelCost((1000,) * 3, 0, 0, 501, max_context=1000)
+    nodes = [NodeOffer("a", "a", 3000, 2.0), NodeOffer("b", "b", 1600, 1.0)]
+    with pytest.raises(PlacementError) as e:
+        plan_fastest(cost, nodes)
+    # a takes two layers once their KV cache is 500 bytes or less: ceil(501 * n / 1000) <= 500 up to n = 998
+    assert e.value.context_that_fits == 998
+    assert str(e.value).startswith("no split fits")
+    assert str(e.value).endswith("; with --max-context 998 or less it would fit (KV cache 1.46KiB instead of "
+                                 "1.47KiB for 1000 tokens)")
+    shorter = ModelCost((1000,) * 3, 0, 0, 500, max_context=998)
+    assert [(s.node_id, s.start, s.end) for s in plan_fastest(shorter, nodes).stages] == [("a", 0, 2), ("b", 2, 3)]
+    with pytest.raises(PlacementError) as e:  # without the context it is sized for, nothing to say
+        plan_fastest(ModelCost((1000,) * 3, 0, 0, 501), nodes)
+    assert e.value.context_that_fits is None and "--max-context" not in str(e.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(), st.integers(2, 5000), st.sampled_from([plan_fastest, plan_proportional]))
+def test_the_max_context_named_is_the_longest_that_fits(case, context, strategy):
+    cost, nodes = case
+    cost = ModelCost(cost.layer_bytes, cost.embed_bytes, cost.head_bytes, cost.kv_bytes_per_layer * 40 + 1, context)
+    try:
+        strategy(cost, nodes)
+        return
+    except PlacementError as e:
+        fits = e.context_that_fits
+
+    def plan_at(tokens):
+        shorter = ModelCost(cost.layer_bytes, cost.embed_bytes, cost.head_bytes,
+                            -(-cost.kv_bytes_per_layer * tokens // context), tokens)
+        return plan_or_none(strategy, shorter, nodes)
+
+    if fits is None:
+        assert plan_at(1) is None
+    else:
+        assert 1 <= fits < context and plan_at(fits) is not None and (fits + 1 == context or plan_at(fits + 1) is None)

@@ -1,4 +1,5 @@
-"""Model sources: folders, the demo (cached, atomic, checksum-pinned download) and a pre-filled HF cache."""
+"""Model sources: folders, the demo (cached, atomic, checksum-pinned download) and a pre-filled HF cache.
+The tests that convert or serve the demo's real files skip without them."""
 
 import json
 import shutil
@@ -7,12 +8,9 @@ from pathlib import Path
 import pytest
 
 from swarm.model import source
+from swarm.model.convert import convert_llama2c
 from swarm.model.source import ModelSourceError, fetch_demo_source, resolve_model
 from swarm.tensorfile import read_header
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SRC = SHARED / "models" / "stories260K"
-FIXTURE = SHARED / "fixtures" / "stories260K-4bit-mlxlm"
 
 
 @pytest.fixture
@@ -33,12 +31,13 @@ def test_unknown_spec_says_what_is_accepted():
         resolve_model("not a model")
 
 
-def test_demo_converted_once_into_the_cache(cache, monkeypatch):
-    monkeypatch.setenv("CAKE_SWARM_DEMO_SRC", str(SRC))
+def test_demo_converted_once_into_the_cache(cache, monkeypatch, stories260k, tmp_path):
+    monkeypatch.setenv("CAKE_SWARM_DEMO_SRC", str(stories260k))
     folder = resolve_model("demo")
-    assert folder == cache / "models" / "demo-stories260K-q4"
-    assert (folder / "model.safetensors").read_bytes() == (FIXTURE / "model.safetensors").read_bytes()
-    assert (folder / "tokenizer.json").is_file()
+    assert folder == cache / "models" / "demo-stories260K-q4-v2"
+    expected = convert_llama2c(stories260k, tmp_path / "expected", bits=4, group_size=32)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (expected / name).read_bytes(), name
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder left behind
     stamp = (folder / "config.json").stat().st_mtime_ns
     monkeypatch.setenv("CAKE_SWARM_DEMO_SRC", str(cache / "does-not-exist"))  # not needed once cached
@@ -46,26 +45,40 @@ def test_demo_converted_once_into_the_cache(cache, monkeypatch):
     assert (folder / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_failed_demo_conversion_leaves_nothing(cache, tmp_path, monkeypatch):
+def test_a_conversion_from_before_the_end_tokens_is_not_used(cache, monkeypatch, stories260k):
+    old = cache / "models" / "demo-stories260K-q4"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(json.dumps({"eos_token_id": 2}))  # the demo that never stopped
+    monkeypatch.setenv("CAKE_SWARM_DEMO_SRC", str(stories260k))
+    folder = resolve_model("demo")
+    assert folder != old and json.loads((folder / "config.json").read_text())["eos_token_id"] == [1, 2]
+
+
+def test_failed_demo_conversion_leaves_nothing(cache, tmp_path, monkeypatch, stories260k):
     bad = tmp_path / "bad"
     bad.mkdir()
-    shutil.copy(SRC / "tok512.model", bad)  # no weights
+    shutil.copy(stories260k / "tok512.model", bad)  # no weights
     monkeypatch.setenv("CAKE_SWARM_DEMO_SRC", str(bad))
     with pytest.raises(ValueError):
         resolve_model("demo")
     assert list((cache / "models").iterdir()) == []
 
 
-def test_demo_defaults_to_shared_folder_beside_repo(cache):
-    assert source.demo_source().resolve() == SRC.resolve()
+def test_demo_defaults_to_shared_folder_beside_repo(cache, tmp_path, monkeypatch):
+    import swarm
+
+    beside = tmp_path / "shared" / "models" / "stories260K"
+    beside.mkdir(parents=True)
+    monkeypatch.setattr(swarm, "__file__", str(tmp_path / "repo" / "swarm" / "__init__.py"))
+    assert source.demo_source() == beside
 
 
-def test_demo_download_checks_sha256(tmp_path):
+def test_demo_download_checks_sha256(tmp_path, stories260k):
     served = tmp_path / "served"
-    shutil.copytree(SRC, served)
+    shutil.copytree(stories260k, served)
     dest = fetch_demo_source(tmp_path / "dl", base_url=served.as_uri() + "/")
     assert {p.name for p in dest.iterdir()} == set(source.DEMO_FILES)
-    assert (dest / "stories260K.bin").read_bytes() == (SRC / "stories260K.bin").read_bytes()
+    assert (dest / "stories260K.bin").read_bytes() == (stories260k / "stories260K.bin").read_bytes()
 
     tampered = served / "tok512.model"
     tampered.chmod(0o644)
@@ -94,9 +107,10 @@ def _fill_hub_cache(hub: Path, repo_id: str, files: list[Path]) -> Path:
     return snapshot
 
 
-def test_hf_repo_id_from_prefilled_cache_offline(tmp_path, monkeypatch):
+def test_hf_repo_id_from_prefilled_cache_offline(tmp_path, monkeypatch, tiny_llama):
     hub = tmp_path / "hub"
-    snapshot = _fill_hub_cache(hub, "someone/tiny-4bit", sorted(FIXTURE.glob("*.json")) + [FIXTURE / "model.safetensors"])
+    folder = tiny_llama.folder
+    snapshot = _fill_hub_cache(hub, "someone/tiny-4bit", sorted(folder.glob("*.json")) + [folder / "model.safetensors"])
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = resolve_model("someone/tiny-4bit")

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from swarm.model.convert import read_sentencepiece_model, sentencepiece_to_tokenizer_json
 from swarm.model.tokenizer import ChatTemplateError, Tokenizer
+from tests.checkpoints import require_demo
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # The chat templates as published: Qwen/Qwen2.5-7B-Instruct's tokenizer_config.json (the same template as the
 # other Qwen2.5 Instruct sizes) and meta-llama/Llama-3.2-1B-Instruct's.
@@ -115,7 +115,7 @@ def byte_fallback_json() -> str:
 @lru_cache(maxsize=None)
 def demo_sentencepiece_json() -> str:
     """The demo's real SentencePiece vocabulary (stories260K, 512 pieces, byte fallback)."""
-    return sentencepiece_to_tokenizer_json(read_sentencepiece_model(SHARED / "models" / "stories260K" / "tok512.model"))
+    return sentencepiece_to_tokenizer_json(read_sentencepiece_model(require_demo() / "tok512.model"))
 
 
 def write_folder(folder: Path, tokenizer_json: str, tokenizer_config: dict, config: dict | None = None,

@@ -1,10 +1,13 @@
-"""Topology YAML: parse both layouts, validate with line numbers, render and read back, sizes."""
+"""Topology YAML: parse both layouts, validate with line numbers, render and read back, sizes; cake's own
+kinds of files (workers only, `layers: []`, other layer prefixes, blocks that do not join up)."""
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings, strategies as st
 
-from topology import (NodeSpec, Topology, TopologyError, format_size, parse, parse_size, render,
+from topology import (NodeSpec, Topology, TopologyError, format_size, parse, parse_size, pipeline, render,
                       validate)
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "topology" / "examples").glob("*.yaml"))
@@ -33,8 +36,8 @@ def parse_error(text):
 
 # ---------------------------------------------------------------- examples and layouts
 
-def test_there_are_three_examples():
-    assert len(EXAMPLES) == 3
+def test_there_are_four_examples():
+    assert len(EXAMPLES) == 4
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -42,8 +45,10 @@ def test_example_parses_and_validates_for_qwen7b(path):
     topo = parse(path.read_text(), str(path))
     assert len(topo.nodes) == 2
     assert all(n.host and n.memory_budget for n in topo.nodes.values())
-    assert validate(topo, 28, layer_cost=qwen7b_cost) == []
-    assert {layer for _, s, e in topo.placement() for layer in range(s, e)} == set(range(28))
+    # the source, started with --model, takes what a file leaves to no one (the workers-only example)
+    budgets = {"source": 10 * 2**30}
+    assert validate(topo, 28, layer_cost=qwen7b_cost, source="source", budgets=budgets) == []
+    assert [layer for _, s, e in pipeline(topo, 28, "source") for layer in range(s, e)] == list(range(28))
     assert parse(render(topo)) == topo
 
 
@@ -213,18 +218,153 @@ def test_node_over_its_budget():
     assert issues_of(roomy, budgets={"a": 2**40}, layer_cost=qwen7b_cost) == []
 
 
-def test_node_layers_must_be_contiguous():
+def test_blocks_that_do_not_join_up_are_stages_of_their_own():
     text = "a:\n  layers: [model.layers.0-4, model.layers.10-27]\nb:\n  layers: [model.layers.5-9]\n"
-    assert issues_of(text) == [
-        (1, "node 'a' holds layers 0-4, layers 10-27: a node holds one contiguous range (one pipeline stage)")]
+    assert issues_of(text) == []
+    assert pipeline(parse(text), 28) == (("a", 0, 5), ("b", 5, 10), ("a", 10, 28))
     # Entries that join up are one range.
-    assert issues_of("a:\n  layers: [model.layers.0-4, model.layers.5-27]\n") == []
+    assert pipeline(parse("a:\n  layers: [model.layers.0-4, model.layers.5-27]\n"), 28) == (("a", 0, 28),)
+
+
+def test_a_node_with_two_blocks_needs_room_for_both():
+    text = ("a:\n  memory_budget: 4GiB\n  layers: [model.layers.0-4, model.layers.10-27]\n"
+            "b:\n  layers: [model.layers.5-9]\n")
+    need = qwen7b_cost("a", 0, 5, True, False) + qwen7b_cost("a", 10, 28, False, True)
+    assert issues_of(text, layer_cost=qwen7b_cost) == [
+        (1, f"node 'a' needs {format_size(need)} for layers 0-4, layers 10-27 + embedding + head (incl. KV cache) "
+            f"but its budget is 4GiB")]
 
 
 def test_issues_come_sorted_by_line():
     text = TWO.replace("0-9", "0-11").replace("10-27", "10-30")
     lines = [line for line, _ in issues_of(text, known_nodes={"b"})]
     assert lines == sorted(lines) and lines[0] == 1 and len(lines) == 3
+
+
+# ---------------------------------------------------------------- cake's own kinds of files
+
+CAKE_LAYER_RANGE = re.compile(r"^(.+[^\d])(\d+)-(\d+)$")
+
+
+def cake_reads(text: str) -> dict[str, str]:
+    """Which worker cake's master sends each layer name to, by cake's rules for a topology file (written
+    out here): a mapping of worker names to nodes whose host and layers must be there; `P.A-B` names
+    P.A to P.B; any other name is taken as it is; a layer no worker names runs on the master."""
+    owner = {}
+    for worker, node in (yaml.safe_load(text) or {}).items():
+        assert isinstance(node["host"], str) and isinstance(node["layers"], list), node
+        for name in node["layers"]:
+            m = CAKE_LAYER_RANGE.match(name)
+            for layer in ([f"{m[1]}{i}" for i in range(int(m[2]), int(m[3]) + 1)] if m else [name]):
+                owner[layer] = worker
+    return owner
+
+
+# Two workers of a 24-layer model whose checkpoint calls its layers model.language_model.layers.N.
+TWO_WORKERS = """\
+pi:
+  host: 'pi.local:10128'
+  description: 'Raspberry Pi 5 (CPU)'
+  layers:
+    - 'model.language_model.layers.0-1'
+
+laptop:
+  host: 'laptop.local:10128'
+  description: 'Apple M1 (Metal)'
+  layers:
+    - 'model.language_model.layers.2-3'
+"""
+
+# One worker in the middle, as `cake split` writes a worker's own file.
+ONE_WORKER = """\
+gpu:
+  host: "192.168.50.20:10128"
+  layers:
+    - "model.layers.8-15"
+"""
+
+
+def test_a_workers_only_file_leaves_the_rest_to_the_source():
+    topo = parse(TWO_WORKERS)
+    assert validate(topo, 24, source="master") == []
+    assert pipeline(topo, 24, "master") == (("pi", 0, 2), ("laptop", 2, 4), ("master", 4, 24))
+    assert issues_of(TWO_WORKERS, 24) == [(11, "layers 4-23 not placed on any node (the model has 24 layers: 0-23)")]
+    # a file that lists the source itself says where all of its layers go: a gap is a mistake
+    listed = TWO_WORKERS + "master:\n  host: 'm:1'\n  layers: ['model.language_model.layers.4-20']\n"
+    assert issues_of(listed, 24, source="master") == [
+        (14, "layers 21-23 not placed on any node (the model has 24 layers: 0-23)")]
+
+
+def test_the_source_around_a_worker_runs_two_stages():
+    topo = parse(ONE_WORKER)
+    assert pipeline(topo, 24, "master") == (("master", 0, 8), ("gpu", 8, 16), ("master", 16, 24))
+    cost = lambda _n, s, e, first, last: (e - s) * 100 + 1000 * first + 1000 * last  # noqa: E731
+    # both of the source's stages count against its budget, with embedding and head
+    assert validate(topo, 24, source="master", layer_cost=cost, budgets={"master": 3600}) == []
+    issues = validate(topo, 24, source="master", layer_cost=cost, budgets={"master": 3599})
+    assert [i.message for i in issues] == ["node 'master' needs 3.52KiB for layers 0-7, layers 16-23 + embedding + "
+                                           "head (incl. KV cache) but its budget is 3.51KiB"]
+    assert [i.message for i in validate(topo, 24, source="master", known_nodes={"gpu"})] == [
+        "the source node 'master' is not in the swarm"]
+
+
+def test_empty_layers_everywhere_mean_assign_automatically():
+    topo = parse("a:\n  host: 'a:1'\n  layers: []\nb:\n  host: 'b:1'\n  layers: []\n")
+    assert topo.automatic and validate(topo, 24) == [] and validate(topo, 24, source="master") == []
+    # beside a node that has layers, [] is a node that holds none (cake does the same)
+    mixed = parse("a:\n  host: 'a:1'\n  layers: []\nb:\n  host: 'b:1'\n  layers: ['model.layers.0-9']\n")
+    assert not mixed.automatic and pipeline(mixed, 24, "master") == (("b", 0, 10), ("master", 10, 24))
+
+
+def test_embedding_norm_and_head_names_place_nothing():
+    text = """\
+worker:
+  host: '10.0.0.2:10128'
+  layers:
+    - 'model.embed_tokens'
+    - 'model.layers.0-3'
+    - 'model.norm'
+    - 'lm_head'
+"""
+    topo = parse(text)
+    assert topo.nodes["worker"].layers == ((0, 4),)
+    assert topo.nodes["worker"].parts == ("model.embed_tokens", "model.norm", "lm_head")
+    assert pipeline(topo, 8, "master") == (("worker", 0, 4), ("master", 4, 8))
+    assert parse(render(topo)) == topo and parse(render(topo, cake=True)).nodes == topo.nodes
+    only_parts = parse("worker:\n  host: 'w:1'\n  layers: ['model.norm']\n")
+    assert not only_parts.automatic and only_parts.placement() == ()
+
+
+@pytest.mark.parametrize("name", ["unet", "vae", "clip", "ltx2-transformer", "ltx2-transformer.22-47",
+                                  "wan-transformer", "flux1_transformer"])
+def test_image_and_video_models_parts_are_refused(name):
+    errors, text = parse_error(f"worker1:\n  host: \"192.168.1.158:10128\"\n  layers:\n    - \"{name}\"\n")
+    assert [line for line, _ in errors] == [4]
+    assert f"{name!r} is not a layer of a text model: this swarm runs text models" in errors[0][1]
+
+
+def test_render_keeps_the_layer_prefix_as_written():
+    topo = parse(TWO_WORKERS)
+    assert topo.layer_prefix == "model.language_model.layers."
+    for cake in (False, True):
+        text = render(topo, cake=cake)
+        assert "model.language_model.layers.0-1" in text and "model.language_model.layers.2-3" in text
+        assert "'model.layers." not in text and " model.layers." not in text
+        again = parse(text)
+        assert again.nodes == topo.nodes and render(again, cake=cake) == text  # exact, both ways
+    assert cake_reads(render(topo, cake=True)) == {f"model.language_model.layers.{i}": w
+                                                   for w, layers in (("pi", (0, 1)), ("laptop", (2, 3)))
+                                                   for i in layers}
+
+
+def test_cake_reads_our_files_as_we_do():
+    for text in (TWO_WORKERS, ONE_WORKER, TWO, *(p.read_text() for p in EXAMPLES)):
+        topo = parse(text)
+        cake = render(topo, cake=True)
+        expected = {f"{p}{i}": n.name for n in topo.nodes.values()
+                    for (s, e), p in zip(n.layers, n.layer_prefixes) for i in range(s, e)}
+        assert cake_reads(cake) == expected
+        assert "model:" not in cake and "nodes:" not in cake
 
 
 # ---------------------------------------------------------------- render round trip

@@ -5,9 +5,19 @@ or single `model.layers.N`) plus an optional `memory_budget` per node and a top-
 Two layouts are read: cake's, where node names are top-level keys, and ours, with the nodes under a
 `nodes:` key beside `model:`. `render` writes ours (or cake's with cake=True).
 
+cake's meaning is kept:
+- a file may list only the workers: the source node (the one started with `--model`, cake's master)
+  takes the layers nobody names, when the file does not list it;
+- every node with `layers: []` means "assign automatically" (cake's auto-sharding);
+- a layer is `<prefix>layers.N`, whatever the checkpoint's prefix (`model.`, `model.language_model.`);
+  the prefix is kept as written and written back;
+- `model.embed_tokens`, `model.norm` and `lm_head` are accepted and place nothing: the embedding stays
+  with layer 0's stage and the norm and head with the last, as cake's master keeps them;
+- a node may hold blocks that do not join up: it runs each block as its own pipeline stage.
+Names of image, video or audio models' parts (`unet`, `vae`, `ltx2-transformer.A-B`) are refused.
+
 Layer ranges are kept half-open, [start, end), inside the program and written inclusive in files.
-Each node holds one contiguous range: a node is one pipeline stage (several entries are fine when
-they join up, e.g. 0-5 and 6-9). Every error names its line (1-based).
+Every error names its line (1-based).
 """
 from __future__ import annotations
 
@@ -19,9 +29,11 @@ from typing import Callable, Iterable, Mapping
 import yaml
 
 __all__ = [
-    "NodeSpec", "Topology", "TopologyIssue", "TopologyError",
-    "parse", "validate", "render", "parse_size", "format_size",
+    "NodeSpec", "Topology", "TopologyIssue", "TopologyError", "DEFAULT_PREFIX",
+    "parse", "parse_range", "validate", "pipeline", "render", "parse_size", "format_size",
 ]
+
+DEFAULT_PREFIX = "model.layers."
 
 # ---------------------------------------------------------------- sizes
 
@@ -84,9 +96,11 @@ class NodeSpec:
     description: str | None = None
     layers: tuple[tuple[int, int], ...] = ()  # half-open [start, end), as written
     memory_budget: int | None = None
-    # Where things were written; not part of the placement, so left out of ==.
+    parts: tuple[str, ...] = ()  # model.embed_tokens, model.norm, lm_head as written: they place nothing
+    # How and where things were written; not part of the placement, so left out of ==.
     line: int = field(default=0, compare=False)
     layer_lines: tuple[int, ...] = field(default=(), compare=False)
+    layer_prefixes: tuple[str, ...] = field(default=(), compare=False)  # per range, e.g. "model.layers."
 
 
 @dataclass(frozen=True)
@@ -101,10 +115,22 @@ class Topology:
         return tuple(sorted(((n.name, s, e) for n in self.nodes.values() for s, e in n.layers),
                             key=lambda t: (t[1], t[2], t[0])))
 
+    @property
+    def automatic(self) -> bool:
+        """Every node has `layers: []`: the layers are assigned automatically (cake's auto-sharding)."""
+        return bool(self.nodes) and not any(n.layers or n.parts for n in self.nodes.values())
+
+    @property
+    def layer_prefix(self) -> str:
+        """The prefix its layers are written with (the first range's), DEFAULT_PREFIX when it has none."""
+        return next((p for n in self.nodes.values() for p in n.layer_prefixes), DEFAULT_PREFIX)
+
 
 # ---------------------------------------------------------------- parse
 
-_RANGE = re.compile(r"^(?:.*\.)?layers\.(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"^((?:.*\.)?layers\.)(\d+)(?:-(\d+))?$")
+# What a text model has outside its layers; cake's master always keeps these.
+_PART = re.compile(r"^(?:.*\.)?(?:embed_tokens|norm|lm_head)$")
 _NODE_KEYS = {"host", "description", "layers", "memory_budget"}
 # Written by newer cake versions from discovery; read and ignored.
 _CAKE_EXTRA_KEYS = {"vram_bytes", "tflops", "backend", "hostname", "os"}
@@ -124,14 +150,24 @@ def _text(node: yaml.Node, what: str, issues: list[TopologyIssue]) -> str | None
 
 def parse_range(text: str) -> tuple[int, int]:
     """'model.layers.0-15' -> (0, 16); 'model.layers.7' -> (7, 8). Raises ValueError."""
+    _, start, end = _layer_range(text)
+    return start, end
+
+
+def _layer_range(text: str) -> tuple[str, int, int]:
+    """'model.language_model.layers.0-15' -> ('model.language_model.layers.', 0, 16). Raises ValueError."""
     m = _RANGE.match(text.strip())
     if not m:
+        if "layers." not in text and not text.strip().endswith("layers"):
+            raise ValueError(f"{text!r} is not a layer of a text model: this swarm runs text models (llama, qwen2, "
+                             f"qwen3, mistral) whose layers are written model.layers.A-B; image, video and audio "
+                             f"models' parts (unet, vae, ltx2-transformer, ...) cannot be placed here")
         raise ValueError(f"malformed layer range {text!r}: write model.layers.A-B (inclusive) or model.layers.N")
-    a = int(m.group(1))
-    b = int(m.group(2)) if m.group(2) is not None else a
+    a = int(m.group(2))
+    b = int(m.group(3)) if m.group(3) is not None else a
     if b < a:
         raise ValueError(f"malformed layer range {text!r}: ends ({b}) before it starts ({a})")
-    return a, b + 1
+    return m.group(1), a, b + 1
 
 
 def _parse_node(name: str, key: yaml.Node, value: yaml.Node, issues: list[TopologyIssue]) -> NodeSpec | None:
@@ -164,10 +200,12 @@ def _parse_node(name: str, key: yaml.Node, value: yaml.Node, issues: list[Topolo
 
     layers: list[tuple[int, int]] = []
     lines: list[int] = []
+    prefixes: list[str] = []
+    parts: list[str] = []
     seq = fields.get("layers")
     if seq is None:
-        issues.append(TopologyIssue(_line(key), f"node {name!r} has no 'layers' "
-                                                f"(write layers: [] for a node that holds none)"))
+        issues.append(TopologyIssue(_line(key), f"node {name!r} has no 'layers' (write layers: [] for none; "
+                                                f"on every node, to have them all placed automatically)"))
         seq = yaml.SequenceNode("tag:yaml.org,2002:seq", [])
     elif isinstance(seq, yaml.ScalarNode):  # one range without a list, or an empty `layers:`
         seq = yaml.SequenceNode("tag:yaml.org,2002:seq", [] if seq.tag == _NULL else [seq])
@@ -178,11 +216,16 @@ def _parse_node(name: str, key: yaml.Node, value: yaml.Node, issues: list[Topolo
         try:
             if not isinstance(item, yaml.ScalarNode):
                 raise ValueError("a layer range must be a string like model.layers.0-15")
-            layers.append(parse_range(item.value))
+            if _PART.match(item.value.strip()):
+                parts.append(item.value.strip())
+                continue
+            prefix, start, end = _layer_range(item.value)
+            layers.append((start, end))
+            prefixes.append(prefix)
             lines.append(_line(item))
         except ValueError as e:
             issues.append(TopologyIssue(_line(item), f"node {name!r}: {e}"))
-    return NodeSpec(name, host, desc, tuple(layers), budget, _line(key), tuple(lines))
+    return NodeSpec(name, host, desc, tuple(layers), budget, tuple(parts), _line(key), tuple(lines), tuple(prefixes))
 
 
 def parse(text: str, source: str = "<topology>") -> Topology:
@@ -251,14 +294,20 @@ def _span(start: int, end: int) -> str:
     return f"layer {start}" if end - start == 1 else f"layers {start}-{end - 1}"
 
 
+def _takes_the_rest(topo: Topology, source: str | None) -> bool:
+    """Whether `source` takes the layers nobody names: it is given and the file does not list it (cake's master)."""
+    return source is not None and source not in topo.nodes and not topo.automatic
+
+
 def validate(topo: Topology, num_layers: int, *, known_nodes: set[str] | None = None,
              budgets: Mapping[str, int] | None = None,
-             layer_cost: LayerCost | None = None) -> list[TopologyIssue]:
+             layer_cost: LayerCost | None = None, source: str | None = None) -> list[TopologyIssue]:
     """Everything wrong with `topo` for a model of `num_layers` layers, sorted by line; [] when usable.
 
     layer_cost(node, start, end, first, last) gives a stage's bytes; a node's budget is the smaller
-    of its memory_budget in the file and budgets[node] (what it offers), whichever are given.
-    Nodes not in known_nodes are unknown.
+    of its memory_budget in the file and budgets[node] (what it offers), whichever are given; a node
+    holding several blocks needs them all. Nodes not in known_nodes are unknown. source is the node
+    that runs --model: when the file does not list it, it takes the layers the file gives no one.
     """
     issues: list[TopologyIssue] = []
     add = lambda line, message: issues.append(TopologyIssue(line, message))  # noqa: E731
@@ -276,59 +325,83 @@ def validate(topo: Topology, num_layers: int, *, known_nodes: set[str] | None = 
                 second = "again" if n1 == n2 else f"on node {n2!r}"
                 add(l2, f"{_span(lo, hi)} placed twice: on node {n1!r} (line {l1}) and {second} (line {l2})")
 
-    pos = 0
-    for s, e in sorted((s, min(e, num_layers)) for _, s, e, _ in entries) + [(num_layers, num_layers)]:
-        if s > pos:  # a gap [pos, s): say so next to the range before it, else the one after it
-            near = [ln for _, _, end, ln in entries if end == pos] + [ln for _, start, _, ln in entries if start == s]
-            add((near or [topo.line])[0], f"{_span(pos, s)} not placed on any node ({every})")
-        pos = max(pos, e)
+    if not topo.automatic and not _takes_the_rest(topo, source):
+        for s, e in _gaps([(s, e) for _, s, e, _ in entries], num_layers):
+            # say so next to the range before the gap, else the one after it
+            near = [ln for _, _, end, ln in entries if end == s] + [ln for _, start, _, ln in entries if start == e]
+            add((near or [topo.line])[0], f"{_span(s, e)} not placed on any node ({every})")
 
+    if source is not None and known_nodes is not None and _takes_the_rest(topo, source) and source not in known_nodes:
+        add(topo.line, f"the source node {source!r} is not in the swarm")
     for node in topo.nodes.values():
         if known_nodes is not None and node.name not in known_nodes:
             host = f" ({node.host})" if node.host else ""
             known = ", ".join(sorted(known_nodes)) or "none"
             add(node.line, f"node {node.name!r}{host} is not in the swarm (known: {known})")
-        blocks = _blocks(node.layers)
-        if len(blocks) > 1:
-            held = ", ".join(_span(s, e) for s, e in blocks)
-            add(node.line, f"node {node.name!r} holds {held}: a node holds one contiguous range (one pipeline stage)")
+    if layer_cost is None or topo.automatic or issues:
+        return sorted(issues, key=lambda i: i.line or 0)
+
+    # The file's memory_budget caps what the node offers; neither may be exceeded.
+    lines = {n.name: n.line for n in topo.nodes.values()}
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    for name, s, e in pipeline(topo, num_layers, source):
+        blocks.setdefault(name, []).append((s, e))
+    for name, held in blocks.items():
+        spec = topo.nodes.get(name)
+        limits = [b for b in ((spec.memory_budget if spec else None), (budgets or {}).get(name)) if b is not None]
+        if not limits:
             continue
-        # The file's memory_budget caps what the node offers; neither may be exceeded.
-        limits = [b for b in (node.memory_budget, (budgets or {}).get(node.name)) if b is not None]
-        if not blocks or layer_cost is None or not limits:
-            continue
-        s, e = blocks[0][0], min(blocks[0][1], num_layers)
-        need = layer_cost(node.name, s, e, s == 0, e == num_layers) if s < e else 0
+        need = sum(layer_cost(name, s, e, s == 0, e == num_layers) for s, e in held)
         if need > min(limits):
-            parts = _span(s, e) + " + embedding" * (s == 0) + " + head" * (e == num_layers)
-            add(node.line, f"node {node.name!r} needs {format_size(need)} for {parts} (incl. KV cache) "
-                           f"but its budget is {format_size(min(limits))}")
+            parts = ", ".join(_span(s, e) for s, e in held)
+            parts += " + embedding" * any(s == 0 for s, _ in held) + " + head" * any(e == num_layers for _, e in held)
+            add(lines.get(name, topo.line), f"node {name!r} needs {format_size(need)} for {parts} (incl. KV cache) "
+                                            f"but its budget is {format_size(min(limits))}")
     return sorted(issues, key=lambda i: i.line or 0)
 
 
-def _blocks(layers: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Ranges merged where they touch or overlap."""
-    out: list[list[int]] = []
-    for s, e in sorted(layers):
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+def _gaps(ranges: Iterable[tuple[int, int]], num_layers: int) -> list[tuple[int, int]]:
+    """The layers of [0, num_layers) that no range covers, as ranges."""
+    gaps, pos = [], 0
+    for s, e in sorted((s, min(e, num_layers)) for s, e in ranges) + [(num_layers, num_layers)]:
+        if s > pos:
+            gaps.append((pos, s))
+        pos = max(pos, e)
+    return gaps
+
+
+def pipeline(topo: Topology, num_layers: int, source: str | None = None) -> tuple[tuple[str, int, int], ...]:
+    """The stages a valid, not automatic topology makes, in pipeline order: (node name, start, end).
+
+    A node's ranges that join up are one stage; blocks that do not join are stages of their own. When
+    the file does not list `source`, the layers it gives no one are `source`'s stages.
+    """
+    ranges = [(s, e, name) for name, s, e in topo.placement()]
+    if _takes_the_rest(topo, source):
+        ranges += [(s, e, source) for s, e in _gaps([(s, e) for s, e, _ in ranges], num_layers)]
+    stages: list[tuple[str, int, int]] = []
+    for s, e, name in sorted(ranges):
+        if stages and stages[-1][0] == name and stages[-1][2] == s:
+            s = stages.pop()[1]
+        stages.append((name, s, e))
+    return tuple(stages)
 
 
 # ---------------------------------------------------------------- render
 
-def _range_text(start: int, end: int) -> str:
-    return f"model.layers.{start}" if end - start == 1 else f"model.layers.{start}-{end - 1}"
+def _range_text(prefix: str, start: int, end: int) -> str:
+    return f"{prefix}{start}" if end - start == 1 else f"{prefix}{start}-{end - 1}"
 
 
 def render(x, *, model: str | None = None, names: Mapping[str, str] | None = None,
-           hosts: Mapping[str, str] | None = None, cake: bool = False) -> str:
+           hosts: Mapping[str, str] | None = None, cake: bool = False, prefix: str | None = None,
+           master: str | None = None) -> str:
     """A Topology, or a Plan (anything with .stages of node_id/start/end), as topology YAML.
 
-    For a Plan, names and hosts map node ids to the names and addresses to write (default: the id).
-    cake=True writes cake's layout (node names at the top level, no model).
+    A Topology's ranges keep the prefix they were written with; a Plan's are written with `prefix`
+    (default model.layers.). For a Plan, names and hosts map node ids to the names and addresses to
+    write (default: the id), and the stages of node id `master` are left out: cake's master runs the
+    layers no one names. cake=True writes cake's layout (node names at the top level, no model).
     """
     entries: dict[str, dict] = {}
     if isinstance(x, Topology):
@@ -342,13 +415,17 @@ def render(x, *, model: str | None = None, names: Mapping[str, str] | None = Non
             if n.memory_budget is not None:
                 text = format_size(n.memory_budget)
                 d["memory_budget"] = text if parse_size(text) == n.memory_budget else n.memory_budget
-            d["layers"] = [_range_text(s, e) for s, e in n.layers]
+            prefixes = n.layer_prefixes or (DEFAULT_PREFIX,) * len(n.layers)
+            d["layers"] = [_range_text(prefix or p, s, e) for (s, e), p in zip(n.layers, prefixes)] + list(n.parts)
             entries[n.name] = d
     else:
         for st in x.stages:
+            if st.node_id == master:
+                continue
             name = (names or {}).get(st.node_id, st.node_id)
-            d = {"host": hosts[st.node_id]} if hosts and st.node_id in hosts else {}
-            d["layers"] = [_range_text(st.start, st.end)]
-            entries[name] = d
+            if name not in entries:
+                entries[name] = {"host": hosts[st.node_id]} if hosts and st.node_id in hosts else {}
+                entries[name]["layers"] = []
+            entries[name]["layers"].append(_range_text(prefix or DEFAULT_PREFIX, st.start, st.end))
     doc = entries if cake else ({"model": model} if model else {}) | {"nodes": entries}
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -2,8 +2,10 @@
 
 Owns the demo model's conversion: the legacy (v0) llama2.c weight file, its SentencePiece tokenizer
 (`tok*.model` protobuf, or llama2.c's own `tok*.bin`), both parsed by hand so that the runtime needs
-neither torch nor sentencepiece, and the mlx-lm folder layout: config.json, model.safetensors (+ index),
-tokenizer.json (a `tokenizers` SentencePiece-style BPE) and tokenizer_config.json. With `bits`, every
+neither torch nor sentencepiece, and the mlx-lm folder layout: config.json, generation_config.json,
+model.safetensors (+ index), tokenizer.json (a `tokenizers` SentencePiece-style BPE) and
+tokenizer_config.json. llama2.c's models end a text with BOS (run.c stops there), so BOS is recorded as
+an end token beside EOS, and generation stops there on every path. With `bits`, every
 linear layer and the embedding whose input width divides by `group_size` is quantized with
 `mx.quantize`, the rule mlx-lm applies (so a 172-wide down_proj stays float).
 """
@@ -22,6 +24,8 @@ import numpy as np
 HEADER = struct.Struct("<7i")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+BOS_ID, EOS_ID = 1, 2
+END_IDS = [BOS_ID, EOS_ID]  # TinyStories-style training puts BOS between texts: a story ends with it
 
 
 @dataclass
@@ -233,6 +237,8 @@ def sentencepiece_to_tokenizer_json(sp: SentencePieceModel, bos_id: int = 1) -> 
 
 
 def _find_sources(src: Path) -> tuple[Path, Llama2cConfig, Path | None, Path | None]:
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such folder" if not src.exists() else f"{src}: not a folder")
     model_file = cfg = None
     tok_bins = []
     for path in sorted(src.glob("*.bin")):
@@ -285,11 +291,13 @@ def convert_llama2c(src_dir, out_dir, bits: int | None = None, group_size: int =
         "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
         "rope_traditional": True,  # llama2.c rotates adjacent pairs (2i, 2i+1)
         "tie_word_embeddings": cfg.shared_classifier, "torch_dtype": "float32",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "bos_token_id": BOS_ID, "eos_token_id": END_IDS,
     }
     if bits:
         config["quantization"] = config["quantization_config"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+    generation_config = {"bos_token_id": BOS_ID, "eos_token_id": END_IDS}
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=4))
 
     (out / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(sp), encoding="utf-8")
     names = [p for p, _, _ in sp.pieces]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import swarm
 
-DEMO_NAME = "demo-stories260K-q4"
+# The cache folder's name says which conversion it holds: v2 records BOS as an end token (older ones
+# never stopped), so a cache from before is converted again instead of being used.
+DEMO_NAME = "demo-stories260K-q4-v2"
 DEMO_URL = "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/"
 DEMO_FILES = {
     "stories260K.bin": "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
