@@ -1,7 +1,8 @@
 """mDNS discovery: advertise this node as _cake-swarm._tcp.local. and follow peers of the same cluster.
 
 The TXT record carries the node's capabilities (id, name, addr, port, backend, budget in bytes, speed in
-GB/s, cluster id, version, model hash, plus any extra keys). mDNS runs only on the interface of --host
+GB/s, cluster id, version, model hash, plus any extra keys, among them peer_port: where its TLS listener
+for peers is; port is its dashboard's). mDNS runs only on the interface of --host
 (all interfaces for 0.0.0.0), IPv4 only. Peers of another cluster are logged and ignored.
 
 mDNS says when a peer leaves cleanly (goodbye packets); a peer that dies keeps its records until their
@@ -38,6 +39,7 @@ class PeerAd:
     cluster: str
     version: str
     model: str
+    peer_port: int = 0              # 0: not advertised (the dashboard's port tells, at /peer-port)
     addresses: tuple[str, ...] = ()
     props: dict[str, str] = field(default_factory=dict, hash=False)
 
@@ -50,13 +52,19 @@ def parse_ad(props: dict[str, str], addresses: list[str] | tuple[str, ...] = ())
         raise ValueError(f"advertisement without a valid id/port: {e}") from None
     if not node_id or not 0 < port < 65536:
         raise ValueError(f"advertisement with empty id or bad port {port}")
+    try:
+        peer_port = int(props.get("peer_port") or 0)
+    except ValueError:
+        raise ValueError(f"advertisement with a bad peer_port {props.get('peer_port')!r}") from None
+    if not 0 <= peer_port < 65536:
+        raise ValueError(f"advertisement with a bad peer_port {peer_port}")
     addr = props.get("addr") or ""
     if addresses and addr not in addresses:
         addr = addresses[0]  # the TXT address is not one the peer answers on (e.g. it serves 0.0.0.0)
     return PeerAd(node_id=node_id, name=props.get("name") or node_id, addr=addr, port=port,
                   backend=props.get("backend") or "cpu", budget=int(props.get("budget") or 0),
                   speed=float(props.get("speed") or 0.0), cluster=props.get("cluster") or "open",
-                  version=props.get("version") or "", model=props.get("model") or "",
+                  version=props.get("version") or "", model=props.get("model") or "", peer_port=peer_port,
                   addresses=tuple(addresses), props=dict(props))
 
 

@@ -1,18 +1,26 @@
-"""The peer table: authenticated websocket links to every peer, heartbeats, failure detection.
+"""The peer table: the TLS listener peers dial, authenticated websocket links to every peer, heartbeats,
+failure detection.
 
-Each node dials every peer it learns of (mDNS, --peer, a peer's welcome or an incoming dial) and sends
-its own frames on the link it dialed; frames arrive on the links peers dialed to it. A link is admitted
-after a mutual HMAC challenge-response on the cluster key. A peer is dead when its links close, when
-no frame came from it for DEAD_AFTER_S seconds, or when a frame to it could not be sent for SEND_TIMEOUT_S.
+Peers talk only over TLS, on the node's peer port (--peer-port, by default the dashboard's port + 1),
+where the node serves /peer and the routes it is given (its shards). People and --peer name a node by its
+dashboard's address; that port answers GET /peer-port with where the listener is. Each node dials every
+peer it learns of (mDNS, --peer, a peer's welcome or an incoming dial) and sends its own frames on the
+link it dialed; frames arrive on the links peers dialed to it. A link is admitted after a mutual HMAC
+challenge-response on the cluster key that also covers the listener's certificate as each side saw it
+(swarm.auth); the dialer keeps that certificate's fingerprint, to which its HTTPS requests to the peer are
+then pinned (endpoint()). A peer is dead when its links close, when no frame came from it for
+DEAD_AFTER_S seconds, or when a frame to it could not be sent for SEND_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -22,8 +30,11 @@ try:
 except ImportError:
     from async_timeout import timeout as send_deadline  # aiohttp's own dependency before 3.11
 
+from yarl import URL
+
 from swarm import auth
 from swarm.protocol import MAX_FRAME_BYTES, ProtocolError, close_with_error, encode_frame, recv_frame, send_frame
+from swarm.tls import Endpoint, Identity, client_context, seen_fingerprint
 
 log = logging.getLogger("swarm.membership")
 
@@ -31,7 +42,7 @@ HEARTBEAT_S = 1.0
 DEAD_AFTER_S = 3.5
 SEND_TIMEOUT_S = DEAD_AFTER_S   # a peer that takes no frame for this long is as dead as a silent one
 HANDSHAKE_S = 5.0
-VERSION = "1"
+VERSION = "2"   # 2: peer links over TLS
 
 
 class PeerGone(ConnectionError):
@@ -42,8 +53,10 @@ class PeerGone(ConnectionError):
 class Peer:
     node_id: str
     addr: str
-    port: int
+    port: int                                                # its dashboard's
     info: dict
+    peer_port: int = 0                                       # its TLS listener's
+    fingerprint: str = ""                                    # its listener's certificate, once we dialed it
     last_seen: float = field(default_factory=time.monotonic)
     link: aiohttp.ClientWebSocketResponse | None = None      # ours, for sending
     inbound: set = field(default_factory=set)                # theirs, for receiving
@@ -67,14 +80,38 @@ class Membership:
         self.refused: dict[str, str] = {}          # address -> why we refused it (shown in status)
         self._dialing: set[tuple[str, int]] = set()
         self._static: set[tuple[str, int]] = set()   # --peer addresses, redialed until they answer
+        self._peer_ports: dict[tuple[str, int], int] = {}   # (addr, dashboard port) -> its peer port
         self._tasks: set[asyncio.Task] = set()
         self._http: aiohttp.ClientSession | None = None
+        self._listener: web.AppRunner | None = None
         self._seq = 0
+        self.identity: Identity | None = None
+        self.peer_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_S))
+    async def start(self, host: str, peer_port: int, identity: Identity, routes: Sequence[web.RouteDef] = (),
+                    any_port_if_taken: bool = False) -> None:
+        """Listen for peers over TLS on host:peer_port (0: any free port; with any_port_if_taken, also when
+        peer_port is in use) showing `identity`, serving /peer and `routes`; then start heartbeats."""
+        self.identity = identity
+        try:
+            sock = _listening_socket(host, peer_port)
+        except OSError as e:
+            if not (any_port_if_taken and e.errno == errno.EADDRINUSE):
+                raise
+            sock = _listening_socket(host, 0)
+            log.warning("port %d is taken: peers connect on port %d instead (--peer-port chooses one)", peer_port,
+                        sock.getsockname()[1])
+        app = web.Application()
+        app.add_routes([web.get("/peer", self.accept), *routes])
+        self._listener = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._listener.setup()
+        # a stopping node does not wait for a peer's download to finish
+        await web.SockSite(self._listener, sock, ssl_context=identity.server_context(), shutdown_timeout=1.0).start()
+        self.peer_port = sock.getsockname()[1]
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_S),
+                                           connector=aiohttp.TCPConnector(ssl=client_context()))
         self._spawn(self._heartbeats())
 
     async def close(self) -> None:
@@ -87,6 +124,8 @@ class Membership:
                     await ws.close()
         if self._http is not None:
             await self._http.close()
+        if self._listener is not None:
+            await self._listener.cleanup()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -132,19 +171,47 @@ class Membership:
         self._static.add((addr, port))
         self.dial_soon(addr, port)
 
-    def dial_soon(self, addr: str, port: int) -> None:
+    def dial_soon(self, addr: str, port: int, peer_port: int = 0) -> None:
+        """Dial the node whose dashboard is addr:port (its peer port, when known, saves asking it)."""
+        if 0 < peer_port < 65536:
+            self._peer_ports[(addr, port)] = peer_port
         if (addr, port) not in self._dialing and not any(
                 p.addr == addr and p.port == port and p.link is not None for p in self.peers.values()):
             self._spawn(self.dial(addr, port))
 
+    async def tell_peer_port(self, request: web.Request) -> web.Response:
+        """GET /peer-port on the dashboard's port: where this node listens for peers. Nothing secret: a dialer
+        sent elsewhere by a forged answer fails the handshake."""
+        return web.json_response({"peer_port": self.peer_port})
+
+    async def find_peer_port(self, addr: str, port: int) -> int:
+        """The peer port of the node whose dashboard is addr:port (served over HTTP, or HTTPS with
+        --tls-cert); `port` itself when neither answers, for a --peer given as the peer port."""
+        known = self._peer_ports.get((addr, port))
+        if known:
+            return known
+        for scheme in ("http", "https"):
+            try:
+                async with self._http.get(f"{scheme}://{addr}:{port}/peer-port", ssl=False,
+                                          timeout=aiohttp.ClientTimeout(total=HANDSHAKE_S)) as r:
+                    if r.status == 200:
+                        peer_port = (await r.json())["peer_port"]
+                        if type(peer_port) is int and 0 < peer_port < 65536:
+                            return peer_port
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+                continue
+        return port
+
     async def dial(self, addr: str, port: int) -> Peer | None:
-        """Connect to a peer, authenticate both ways, and keep reading its link until it closes."""
+        """Connect to a peer's TLS listener, authenticate both ways, and keep reading its link until it closes."""
         where = f"{addr}:{port}"
         self._dialing.add((addr, port))
         ws = None
         try:
-            ws = await self._http.ws_connect(f"http://{where}/peer", max_msg_size=MAX_FRAME_BYTES,
+            peer_port = await self.find_peer_port(addr, port)
+            ws = await self._http.ws_connect(f"https://{addr}:{peer_port}/peer", max_msg_size=MAX_FRAME_BYTES,
                                              heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+            seen = seen_fingerprint(ws)   # the listener's certificate, as this side sees it
             hello = await recv_frame(ws, timeout=HANDSHAKE_S)
             if hello is None or hello["t"] != "hello":
                 raise ProtocolError(f"expected hello, got {hello and hello['t']}")
@@ -159,17 +226,19 @@ class Membership:
                 return None
             mine = auth.new_challenge()
             await send_frame(ws, {"t": "auth", "node_id": self.node_id, "challenge": mine, "info": self.info(),
-                                  "response": auth.respond(self.key, hello["challenge"], self.node_id)})
+                                  "response": auth.respond(self.key, hello["challenge"], self.node_id, seen)})
             welcome = await recv_frame(ws, timeout=HANDSHAKE_S)
             if welcome is None or welcome["t"] != "welcome" or not auth.check(
-                    self.key, mine, peer_id, bytes(welcome.get("response") or b"")):
-                why = welcome["message"] if welcome and welcome["t"] == "error" else "it failed authentication"
+                    self.key, mine, peer_id, bytes(welcome.get("response") or b""), seen):
+                why = (welcome["message"] if welcome and welcome["t"] == "error"
+                       else "it failed authentication (another cluster key, or a man in the middle)")
                 self.refused[where] = why
                 log.warning("not joining %s: %s", where, why)
                 await ws.close()
                 return None
         except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ProtocolError) as e:
             log.info("cannot join %s: %s", where, e)
+            self._peer_ports.pop((addr, port), None)   # ask again next time: it may have moved
             if ws is not None:
                 await ws.close()
             return None
@@ -177,13 +246,14 @@ class Membership:
             self._dialing.discard((addr, port))
         self.refused.pop(where, None)
         peer = self._admit(peer_id, addr, port, welcome.get("info") or hello.get("info") or {})
+        peer.peer_port, peer.fingerprint = peer_port, seen
         if peer.link is not None and not peer.link.closed:
             await ws.close()  # dialed twice (both sides found each other at once): keep the first link
             return peer
         peer.link = ws
         for other in welcome.get("peers") or []:
-            if isinstance(other, dict) and other.get("node_id") not in self.peers and other.get("node_id") != self.node_id:
-                self.dial_soon(str(other.get("addr")), int(other.get("port") or 0))
+            if isinstance(other, dict) and other.get("node_id") not in (*self.peers, self.node_id):
+                self.dial_soon(str(other.get("addr")), _int(other.get("port")), _int(other.get("peer_port")))
         self._spawn(self._read(peer_id, ws))
         return peer
 
@@ -198,37 +268,57 @@ class Membership:
             frame = await recv_frame(ws, timeout=HANDSHAKE_S)
             if frame is None:
                 return ws
-            if frame["t"] != "auth" or not auth.check(self.key, challenge, frame["node_id"], frame["response"]):
-                log.warning("refused a peer from %s: bad cluster key", request.remote)
-                await close_with_error(ws, "authentication failed: wrong cluster key", code=4401)
+            mine = self.identity.fingerprint
+            if frame["t"] != "auth" or not auth.check(self.key, challenge, frame["node_id"], frame["response"], mine):
+                log.warning("refused a peer from %s: bad cluster key (or a man in the middle with its own "
+                            "certificate)", request.remote)
+                await close_with_error(ws, "authentication failed: wrong cluster key, or the certificate you saw "
+                                           "is not this node's", code=4401)
                 return ws
             info = frame.get("info") or {}
             peer_id = frame["node_id"]
             await send_frame(ws, {"t": "welcome", "node_id": self.node_id, "info": self.info(),
-                                  "response": auth.respond(self.key, bytes(frame.get("challenge") or b""), self.node_id),
-                                  "peers": [{"node_id": p.node_id, "addr": p.addr, "port": p.port}
-                                            for p in self.peers.values()]})
+                                  "response": auth.respond(self.key, bytes(frame.get("challenge") or b""),
+                                                           self.node_id, mine),
+                                  "peers": [{"node_id": p.node_id, "addr": p.addr, "port": p.port,
+                                             "peer_port": p.peer_port} for p in self.peers.values()]})
         except (ProtocolError, asyncio.TimeoutError) as e:
             await close_with_error(ws, f"handshake failed: {e}")
             return ws
-        addr, port = str(info.get("addr") or request.remote), int(info.get("port") or 0)
+        addr, port = str(info.get("addr") or request.remote), _int(info.get("port"))
         peer = self._admit(peer_id, addr, port, info)
         peer.inbound.add(ws)
         if peer.link is None or peer.link.closed:
-            self.dial_soon(addr, port)
+            self.dial_soon(addr, port, peer.peer_port)
         await self._read(peer_id, ws)
         return ws
 
     def _admit(self, peer_id: str, addr: str, port: int, info: dict) -> Peer:
         peer = self.peers.get(peer_id)
         if peer is None:
-            peer = self.peers[peer_id] = Peer(peer_id, addr, port, dict(info))
+            peer = self.peers[peer_id] = Peer(peer_id, addr, port, dict(info), _int(info.get("peer_port")))
             log.info("peer %s (%s) joined from %s:%d", peer_id, peer.name, addr, port)
             self.on_join(peer)
         else:
             peer.info.update(info)
         peer.last_seen = time.monotonic()
         return peer
+
+    async def endpoint(self, base_url: str) -> Endpoint:
+        """The TLS listener of the peer whose dashboard is base_url (http://addr:port), pinned to the certificate
+        its handshake proved. That certificate is learned by dialing the peer: a peer that only dialed us is
+        dialed now, and waited for up to HANDSHAKE_S."""
+        url = URL(base_url)
+        deadline = time.monotonic() + HANDSHAKE_S
+        while True:
+            peer = next((p for p in self.peers.values() if p.addr == url.host and p.port == url.port), None)
+            if peer is not None and peer.fingerprint and peer.peer_port:
+                return Endpoint(f"https://{peer.addr}:{peer.peer_port}", peer.fingerprint)
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"{base_url} is not a peer this node has an authenticated link to")
+            if peer is not None:
+                self.dial_soon(peer.addr, peer.port, peer.peer_port)
+            await asyncio.sleep(0.05)
 
     # --- reading and failure detection ---------------------------------------------------------------
 
@@ -285,3 +375,19 @@ class Membership:
                     if now - peer.last_seen > DEAD_AFTER_S:
                         self.drop(peer.node_id, f"no heartbeat for {now - peer.last_seen:.1f} s")
                 await asyncio.sleep(HEARTBEAT_S / 2)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as asyncio's servers do: restarts rebind at once
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _int(value) -> int:
+    """A port number from a peer's info map, 0 when it is not one."""
+    return value if type(value) is int and 0 < value < 65536 else 0

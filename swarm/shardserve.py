@@ -1,14 +1,17 @@
 """Shards over HTTP: the routes a model's source serves, and the fetch that pulls one into the cache.
 
-Routes (GET and HEAD), only for requests that pass swarm.auth.verify_request:
+Routes (GET and HEAD), served on a node's TLS peer listener only (swarm.membership), and only for requests
+that pass swarm.auth.verify_request (signed for this listener's certificate, a nonce never used before):
 
     /shards/<model_hash>/<start>-<end>-f<0|1>l<0|1>   the stage's model.safetensors, built into the source's cache
                                                      on first request; Range (one range) -> 206, ETag = "<sha256>"
     /shards/<model_hash>/files/<name>                 config.json, tokenizer.json, tokenizer_config.json,
                                                      generation_config.json; ETag = "<sha256>"
 
-Anything else under /shards/ (unknown model or stage, '..', a bad byte range, no or wrong signature) is a 4xx
-with a log line and no body from disk. The fetch streams to <stage>.partial/model.safetensors.part, resumes
+Anything else under /shards/ (unknown model or stage, '..', a bad byte range, no or wrong signature, a replay)
+is a 4xx with a log line and no body from disk; a signature whose time is outside the window says by how
+much the clocks differ (X-Cake-Skew). The fetch goes through a swarm.tls.PeerClient, pinned to the
+certificate the source's handshake proved; it streams to <stage>.partial/model.safetensors.part, resumes
 with Range + If-Range after a cut, checks the sha256 against the ETag and only then renames the folder into
 the cache (swarm.shards.shard_dir).
 """
@@ -29,10 +32,11 @@ from typing import Callable
 import aiohttp
 from aiohttp import web
 
-from swarm.auth import sign_request, verify_request
+from swarm.auth import MAX_SKEW_S, SKEW_HEADER, Nonces, sign_request, skew_words, verify_request
 from swarm.shards import (SHARD_FILE, SIDE_FILES, ModelProfile, ShardError, check_stage, ensure_shard,
                           parse_stage_name, read_manifest, shard_dir, stage_name, write_manifest)
 from swarm.tensorfile import TensorFileError, read_header
+from swarm.tls import Endpoint, PeerClient
 
 log = logging.getLogger("swarm.shards")
 
@@ -109,12 +113,16 @@ async def send_file(request: web.Request, path: Path, sha256: str, size: int,
 
 
 class ShardServer:
-    """The shard routes of a node: the models it holds, by hash, built into its cache on demand."""
+    """The shard routes of a node: the models it holds, by hash, built into its cache on demand.
+
+    `fingerprint` is the certificate of the TLS listener serving the routes: requests are signed for it."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, key: str | None = None,
-                 profiles: tuple[ModelProfile, ...] | list[ModelProfile] = ()):
+                 profiles: tuple[ModelProfile, ...] | list[ModelProfile] = (), fingerprint: str | None = None):
         self.cache_dir = cache_dir
         self.key = key
+        self.fingerprint = fingerprint
+        self.nonces = Nonces()
         self.profiles: dict[str, ModelProfile] = {p.model_hash: p for p in profiles}
         self._builds: dict[tuple[str, str], asyncio.Lock] = {}
         self._side_sha: dict[Path, tuple[int, str]] = {}
@@ -128,8 +136,11 @@ class ShardServer:
                 web.route("*", "/shards/{tail:.*}", self.unknown)]
 
     def _check(self, request: web.Request) -> None:
-        if not verify_request(self.key, request.method, request.path_qs, request.headers):
-            raise _refuse(request, web.HTTPUnauthorized, "not signed with this swarm's cluster key")
+        refusal = verify_request(self.key, request.method, request.path_qs, request.headers, self.fingerprint,
+                                 self.nonces)
+        if refusal is not None:
+            skew = {} if refusal.skew_s is None else {"headers": {SKEW_HEADER: str(refusal.skew_s)}}
+            raise _refuse(request, web.HTTPUnauthorized, refusal.reason, **skew)
         if ".." in request.path or ".." in request.raw_path:
             raise _refuse(request, web.HTTPBadRequest, "'..' in path")
 
@@ -161,6 +172,8 @@ class ShardServer:
         profile = self._admit(request)
         name = request.match_info["name"]
         if name not in profile.side_files:
+            if name in SIDE_FILES:  # one this model has not (often generation_config.json): an answer, not a refusal
+                raise web.HTTPNotFound(text=f"no side file {name!r}\n")
             raise _refuse(request, web.HTTPNotFound, f"no side file {name!r}")
         path = profile.model_dir / name
         size, sha = await asyncio.to_thread(self._file_sha, path)
@@ -178,7 +191,7 @@ class ShardServer:
 
 
 def shard_app(server: ShardServer) -> web.Application:
-    """An application with only the shard routes (the daemon adds server.routes() to its own)."""
+    """An application with only the shard routes (the daemon serves server.routes() on its peer listener)."""
     app = web.Application()
     app.add_routes(server.routes())
     return app
@@ -209,16 +222,34 @@ class _Cut(Exception):
     """The transfer stopped after some bytes arrived: worth resuming."""
 
 
-async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeout, progress,
+async def _find(client: PeerClient, base_url: str) -> Endpoint:
+    try:
+        return await client.find(base_url)
+    except ConnectionError as e:
+        raise ShardError(f"cannot fetch from {base_url}: {e}") from None
+
+
+async def _refused(url: str, response: aiohttp.ClientResponse) -> ShardError:
+    skew = response.headers.get(SKEW_HEADER, "")
+    if response.status == 401 and re.fullmatch(r"-?\d{1,12}", skew):   # the request's time - the source's
+        return ShardError(f"{url}: refused: this node's clock is {skew_words(int(skew))} the source's, more than "
+                          f"the {MAX_SKEW_S} s a signed request is good for: set both clocks (NTP)")
+    return ShardError(f"{url}: the source answered {response.status} "
+                      f"{(await response.text(errors='replace'))[:200].strip()!r}")
+
+
+async def _pull(client: PeerClient, source: Endpoint, url_path, part: Path, etag_file: Path, key, timeout, progress,
                 started) -> tuple[str, int, list[str]] | None:
     """One GET of the shard into part; (sha256, size, side files) when complete, None to try again from scratch."""
+    url = source.url + url_path
     have = part.stat().st_size if part.exists() else 0
     etag = etag_file.read_text() if have and etag_file.exists() else None
-    headers = sign_request(key, "GET", url_path)
+    headers = sign_request(key, "GET", url_path, source.fingerprint)
     if etag:
         headers.update({"Range": f"bytes={have}-", "If-Range": etag})
     # a read buffer as large as a write lets the socket fill while the previous block goes to disk
-    async with session.get(url, headers=headers, timeout=timeout, read_bufsize=WRITE_BYTES) as response:
+    async with client.session.get(url, headers=headers, ssl=source.pin, timeout=timeout,
+                                  read_bufsize=WRITE_BYTES) as response:
         if response.status == 416 and etag:
             m = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
             if m and int(m.group(1)) == have:   # cut after the last byte, before the check
@@ -226,8 +257,7 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
             part.unlink(missing_ok=True)
             return None
         if response.status not in (200, 206):
-            raise ShardError(f"{url}: the source answered {response.status} "
-                             f"{(await response.text(errors='replace'))[:200].strip()!r}")
+            raise await _refused(url, response)
         new_etag = response.headers.get("ETag", "")
         if not re.fullmatch(r'"[0-9a-f]{64}"', new_etag):
             raise ShardError(f"{url}: the source sent no sha256 ETag ({new_etag!r})")
@@ -280,32 +310,38 @@ async def _pull(session, url, url_path, part: Path, etag_file: Path, key, timeou
     return h.hexdigest(), have, side_files
 
 
-async def fetch_side_file(session: aiohttp.ClientSession, base_url: str, url_path: str, dest: Path, key: str | None,
-                          timeout: aiohttp.ClientTimeout | None = None) -> bool:
-    """GET one side file (url_path = /shards/<hash>/files/<name>) into dest, checked against its sha256 ETag;
-    False when the source does not have it."""
+async def _get_side_file(client: PeerClient, source: Endpoint, url_path: str, dest: Path, key: str | None,
+                         timeout: aiohttp.ClientTimeout | None) -> bool:
+    url = source.url + url_path
     options = {"timeout": timeout} if timeout is not None else {}
-    async with session.get(base_url + url_path, headers=sign_request(key, "GET", url_path), **options) as response:
+    async with client.session.get(url, headers=sign_request(key, "GET", url_path, source.fingerprint),
+                                  ssl=source.pin, **options) as response:
         if response.status == 404:
             return False
         if response.status != 200:
-            raise ShardError(f"{base_url}{url_path}: the source answered {response.status}")
+            raise await _refused(url, response)
         if (response.content_length or 0) > MAX_SIDE_FILE_BYTES:
-            raise ShardError(f"{base_url}{url_path}: {response.content_length} bytes is too large for a side file")
+            raise ShardError(f"{url}: {response.content_length} bytes is too large for a side file")
         data = await response.read()
         if f'"{hashlib.sha256(data).hexdigest()}"' != response.headers.get("ETag"):
-            raise ShardError(f"{base_url}{url_path}: corrupt transfer (sha256 does not match the ETag)")
+            raise ShardError(f"{url}: corrupt transfer (sha256 does not match the ETag)")
     dest.write_bytes(data)
     return True
 
 
+async def fetch_side_file(client: PeerClient, base_url: str, url_path: str, dest: Path, key: str | None,
+                          timeout: aiohttp.ClientTimeout | None = None) -> bool:
+    """GET one side file (url_path = /shards/<hash>/files/<name>) from the node whose dashboard is base_url
+    into dest, checked against its sha256 ETag; False when the source does not have it."""
+    return await _get_side_file(client, await _find(client, base_url), url_path, dest, key, timeout)
 
 
-async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash: str, start: int, end: int,
+async def fetch_shard(client: PeerClient, base_url: str, model_hash: str, start: int, end: int,
                       first: bool, last: bool, cache_dir: str | os.PathLike | None = None, key: str | None = None,
                       progress: Progress | None = None, *, connect_timeout: float = 10.0,
                       read_timeout: float = 30.0) -> Path:
-    """The cached shard folder of a stage, pulled from the source at base_url (http://host:port) when missing.
+    """The cached shard folder of a stage, pulled when missing from the source whose dashboard is base_url
+    (http://host:port; `client` finds its TLS listener and certificate).
 
     A cut transfer is resumed (here, up to ATTEMPTS times while bytes keep coming, and by a later call from the
     .part left behind); a source that cannot be reached, refuses, or sends bytes that do not match its sha256
@@ -321,13 +357,14 @@ async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash:
     staging.mkdir(parents=True, exist_ok=True)
     part, etag_file = staging / (SHARD_FILE + ".part"), staging / "etag"
     base_url = base_url.rstrip("/")
+    source = await _find(client, base_url)
     url_path = f"/shards/{model_hash}/{stage}"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
     started = time.monotonic()
     result = None
     for _ in range(ATTEMPTS):
         try:
-            result = await _pull(session, base_url + url_path, url_path, part, etag_file, key, timeout, progress, started)
+            result = await _pull(client, source, url_path, part, etag_file, key, timeout, progress, started)
         except _Cut as e:
             log.info("shard %s from %s cut (%s); resuming from byte %d", stage, base_url, e,
                      part.stat().st_size if part.exists() else 0)
@@ -343,8 +380,8 @@ async def fetch_shard(session: aiohttp.ClientSession, base_url: str, model_hash:
 
     try:
         for name in ["config.json"] + [n for n in side_files if n in SIDE_FILES and n != "config.json"]:
-            if not await fetch_side_file(session, base_url, f"/shards/{model_hash}/files/{name}", staging / name,
-                                          key, timeout) and name == "config.json":
+            if not await _get_side_file(client, source, f"/shards/{model_hash}/files/{name}", staging / name,
+                                        key, timeout) and name == "config.json":
                 raise ShardError(f"{base_url}: the source has no config.json for model {model_hash}")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise ShardError(f"cannot fetch the side files of {model_hash} from {base_url}: {e}") from None

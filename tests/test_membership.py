@@ -12,6 +12,7 @@ import pytest
 
 from swarm import auth
 from swarm.protocol import decode_frame, encode_frame
+from swarm.tls import client_context, seen_fingerprint
 from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, wait_for, wait_ready
 
 PROMPT = [1, 403, 407, 261, 378]
@@ -25,7 +26,7 @@ def swarm(tmp_path):
 
     def start(name, speed, *extra, cluster_key=key):
         args = ["--memory-budget", "450000", "--max-context", "256", "--speed", speed, "--cluster-key", cluster_key,
-                "--cache-dir", str(tmp_path / name), *extra]
+                "--cache-dir", str(tmp_path / name), "--config-dir", str(tmp_path / f"{name}-config"), *extra]
         daemons.append(Daemon(name, "127.0.0.1", free_port(), args, tmp_path, env))
         return daemons[-1]
 
@@ -74,11 +75,14 @@ def test_wrong_cluster_key_is_never_admitted(swarm):
 
     async def impostor():
         """Claims a's cluster id (public in mDNS) without the key: the challenge-response fails."""
-        async with aiohttp.ClientSession() as http, http.ws_connect(a.url + "/peer") as ws:
+        peer_port = a.state()["nodes"][0]["peer_port"]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context())) as http, \
+                http.ws_connect(f"https://127.0.0.1:{peer_port}/peer") as ws:
             hello = decode_frame((await ws.receive()).data)
             assert hello["cluster"] == auth.cluster_id(key)
             await ws.send_bytes(encode_frame({"t": "auth", "node_id": "impostor", "challenge": auth.new_challenge(),
-                                              "response": auth.respond("guess", hello["challenge"], "impostor")}))
+                                              "response": auth.respond("guess", hello["challenge"], "impostor",
+                                                                       seen_fingerprint(ws))}))
             reply = await ws.receive()
             error = decode_frame(reply.data) if reply.type == aiohttp.WSMsgType.BINARY else None
             closed = await ws.receive()

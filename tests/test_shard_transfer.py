@@ -1,4 +1,7 @@
-"""Shards over HTTP on 127.0.0.1 (swarm.shardserve): Range/ETag serving, refusals, resumed and verified fetches."""
+"""Shards over HTTPS on 127.0.0.1 (swarm.shardserve): Range/ETag serving, refusals, resumed and verified fetches.
+
+The source serves over TLS with an identity of its own (swarm.tls), as a node's peer listener does; the
+fetches pin its certificate and sign for it."""
 
 from __future__ import annotations
 
@@ -19,52 +22,65 @@ from swarm.auth import sign_request
 from swarm.shardserve import ShardServer, fetch_shard, parse_range, shard_app
 from swarm.shards import (MANIFEST_FILE, SHARD_FILE, ShardError, ensure_shard, profile_model, shard_dir,
                           shard_layout)
+from swarm.tls import Endpoint, PeerClient, load_identity
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 KEY = "test cluster key"
 
 
 @pytest.fixture
-def model(tmp_path) -> Path:
+def model(tmp_path, tiny_qwen2) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(FIXTURES / "tiny-qwen2-4bit" / name, folder / name)
+        shutil.copyfile(tiny_qwen2.folder / name, folder / name)
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [{"id": 1, "content": "x"}]}))
     (folder / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
     return folder
 
 
-async def serve(app: web.Application):
+@pytest.fixture
+def identity(tmp_path):
+    """The source's key and certificate."""
+    return load_identity(tmp_path / "source-config")
+
+
+async def serve(app: web.Application, identity):
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=identity.server_context())
     await site.start()
     host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
+    return runner, f"https://{host}:{port}"
 
 
 @pytest.fixture
-async def source(model, tmp_path):
-    """A shard source on 127.0.0.1 with the cluster key; yields (server, base_url)."""
-    server = ShardServer(cache_dir=tmp_path / "source-cache", key=KEY, profiles=[profile_model(model)])
-    runner, url = await serve(shard_app(server))
+async def source(model, tmp_path, identity):
+    """A shard source on 127.0.0.1 with the cluster key, over TLS; yields (server, base_url)."""
+    server = ShardServer(cache_dir=tmp_path / "source-cache", key=KEY, profiles=[profile_model(model)],
+                         fingerprint=identity.fingerprint)
+    runner, url = await serve(shard_app(server), identity)
     yield server, url
     await runner.cleanup()
 
 
 @pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
+async def session(identity):
+    """A peer client that takes every base URL as the source's TLS listener, pinned to its certificate."""
+    async def find(base_url):
+        return Endpoint(base_url, identity.fingerprint)
+
+    client = PeerClient(find)
+    yield client
+    await client.close()
 
 
 class Proxy:
     """A test-only hop in front of the source: passes requests through and records them, and on the first
-    request for a shard file cuts the body at `cut` bytes (mode "close" or "stall") or flips one byte ("flip")."""
+    request for a shard file cuts the body at `cut` bytes (mode "close" or "stall") or flips one byte ("flip").
+    It shows the source's own certificate (it has its key), so the fetch's pin and signature hold through it."""
 
-    def __init__(self, upstream: str, mode: str | None, cut: int = 0):
-        self.upstream, self.mode, self.cut = upstream, mode, cut
+    def __init__(self, upstream: str, fingerprint: str, mode: str | None, cut: int = 0):
+        self.upstream, self.fingerprint, self.mode, self.cut = upstream, fingerprint, mode, cut
         self.requests: list[dict] = []
         self.stalled, self.release = asyncio.Event(), asyncio.Event()
 
@@ -72,7 +88,8 @@ class Proxy:
         self.requests.append({"path": request.path, **{k.lower(): v for k, v in request.headers.items()}})
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         async with aiohttp.ClientSession() as s:
-            async with s.get(URL(self.upstream + request.path_qs, encoded=True), headers=headers) as up:
+            async with s.get(URL(self.upstream + request.path_qs, encoded=True), headers=headers,
+                             ssl=Endpoint(self.upstream, self.fingerprint).pin) as up:
                 body = await up.read()
                 keep = ("ETag", "Content-Range", "Accept-Ranges", "Content-Type")
                 response = web.StreamResponse(status=up.status, headers={k: up.headers[k] for k in keep if k in up.headers})
@@ -96,14 +113,14 @@ class Proxy:
 
 
 @pytest.fixture
-async def proxy_factory(source):
+async def proxy_factory(source, identity):
     made = []
 
     async def make(mode, cut=0):
-        proxy = Proxy(source[1], mode, cut)
+        proxy = Proxy(source[1], identity.fingerprint, mode, cut)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", proxy.handle)
-        runner, url = await serve(app)
+        runner, url = await serve(app, identity)
         made.append((proxy, runner))
         return proxy, url
 
@@ -119,10 +136,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def get(session, url, path, key=KEY, headers=None, method="GET"):
-    h = dict(sign_request(key, method, path)) if key else {}
+async def get(client, url, path, key=KEY, headers=None, method="GET"):
+    source = await client.find(url)
+    h = dict(sign_request(key, method, path, source.fingerprint)) if key else {}
     h.update(headers or {})
-    async with session.request(method, URL(url + path, encoded=True), headers=h) as r:
+    async with client.session.request(method, URL(url + path, encoded=True), headers=h, ssl=source.pin) as r:
         return r.status, r.headers.copy(), await r.read()
 
 
@@ -170,6 +188,7 @@ async def test_refusals_are_4xx_with_a_log_line_and_serve_nothing(source, sessio
     cases = [
         (stage, "no key", None, {}, 401),
         (stage, "wrong key", "another key", {}, 401),
+        (stage, "signed for another certificate", None, sign_request(KEY, "GET", stage, "ab" * 32), 401),
         (f"/shards/{'0' * 32}/0-3-f1l0", "unknown model", KEY, {}, 404),
         (f"/shards/{h}/0-7-f1l0", "layers past the model", KEY, {}, 404),
         (f"/shards/{h}/3-3-f0l0", "empty stage", KEY, {}, 404),
@@ -179,7 +198,6 @@ async def test_refusals_are_4xx_with_a_log_line_and_serve_nothing(source, sessio
         (f"/shards/{h}/files/..%2Fmodel.safetensors", "encoded ..", KEY, {}, 400),
         (f"/shards/{h}/files/../model.safetensors", "raw ..", KEY, {}, 400),
         (f"/shards/{h}/files/model.safetensors", "not a side file", KEY, {}, 404),
-        (f"/shards/{h}/files/generation_config.json", "side file the model lacks", KEY, {}, 404),
         (f"/shards/{h}/0-3-f1l0/extra", "no such path", KEY, {}, 404),
     ]
     for path, why, key, headers, expected in cases:
@@ -190,6 +208,11 @@ async def test_refusals_are_4xx_with_a_log_line_and_serve_nothing(source, sessio
         assert len(body) < 300 and b"model.layers" not in body and b"__metadata__" not in body, why
         assert any("refused" in r.getMessage() and path.split("?")[0] in r.getMessage() for r in caplog.records), why
     assert not (server.cache_dir / "shards" / ("0" * 32)).exists()
+    # a side file this model has not is an answer (fetchers ask for it), not a refusal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="swarm.shards"):
+        status, _, _ = await get(session, url, f"/shards/{h}/files/generation_config.json")
+    assert status == 404 and not caplog.records
 
 
 async def test_concurrent_requests_build_once(source, session, model, tmp_path):
@@ -290,14 +313,14 @@ async def test_refused_or_dead_sources_fail_with_shard_error(source, session, mo
     with pytest.raises(ShardError, match="404"):
         await fetch_shard(session, url, "f" * 32, 0, 2, True, False, tmp_path / "node", KEY)
     with pytest.raises(ShardError, match="cannot fetch"):
-        await fetch_shard(session, f"http://127.0.0.1:{free_port()}", h, 0, 2, True, False, tmp_path / "node", KEY)
+        await fetch_shard(session, f"https://127.0.0.1:{free_port()}", h, 0, 2, True, False, tmp_path / "node", KEY)
 
     silent = socket.socket()   # accepts connections, never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     try:
         with pytest.raises(ShardError, match="cannot fetch"):
-            await fetch_shard(session, f"http://127.0.0.1:{silent.getsockname()[1]}", h, 0, 2, True, False,
+            await fetch_shard(session, f"https://127.0.0.1:{silent.getsockname()[1]}", h, 0, 2, True, False,
                               tmp_path / "node", KEY, read_timeout=0.5)
     finally:
         silent.close()
@@ -311,12 +334,14 @@ import asyncio, sys
 from aiohttp import web
 from swarm.shards import profile_model
 from swarm.shardserve import ShardServer, shard_app
+from swarm.tls import load_identity
 
 async def main():
     profile = profile_model(sys.argv[1])
-    runner = web.AppRunner(shard_app(ShardServer(sys.argv[2], sys.argv[3], [profile])))
+    identity = load_identity(sys.argv[4])
+    runner = web.AppRunner(shard_app(ShardServer(sys.argv[2], sys.argv[3], [profile], identity.fingerprint)))
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=identity.server_context()).start()
     print(runner.addresses[0][1], profile.model_hash, flush=True)
     await asyncio.Event().wait()
 
@@ -331,7 +356,7 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-async def test_serving_7b_shaped_shards_streams_in_constant_memory(tmp_path, session):
+async def test_serving_7b_shaped_shards_streams_in_constant_memory(tmp_path, session, identity):
     import importlib.util
     import subprocess
     import sys
@@ -341,11 +366,12 @@ async def test_serving_7b_shaped_shards_streams_in_constant_memory(tmp_path, ses
     spec.loader.exec_module(make_model)
     # qwen2.5-7b tensors (its 272 MB embedding and lm_head among them), one layer of the 28
     model = make_model.make_model("qwen2.5-7b", tmp_path / "m7", layers=1)
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(tmp_path / "source-cache"), KEY],
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(model), str(tmp_path / "source-cache"), KEY,
+                             str(identity.path.parent)],
                             stdout=subprocess.PIPE, text=True)
     try:
         port, model_hash = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).split()
-        url = f"http://127.0.0.1:{port}"
+        url = f"https://127.0.0.1:{port}"
         folder = await fetch_shard(session, url, model_hash, 0, 1, True, True, tmp_path / "node", KEY)
         size = json.loads((folder / MANIFEST_FILE).read_text())["size"]
         assert size == shard_layout(profile_model(model), 0, 1, True, True).size
