@@ -3,7 +3,8 @@
 A quantized layer holds the checkpoint's tensors as MLX writes them: `weight` (uint32, 32/bits values per
 word, lowest bits first), `scales` and `biases` (one per group of `group_size` inputs). The product runs on
 `mx.quantized_matmul`, MLX's fused kernel on Metal, CUDA and CPU; `quantized_linear` is the one place a
-faster kernel may take over.
+faster kernel may take over on the GPU. On the CPU back-end, with float32 activations, every linear (dense
+float32 or quantized) runs on kernels.cpu_matmul once kernels.cpu_path's self-check passed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from kernels import cuda_q4
+from kernels import cpu_path, cuda_q4
 
 
 def backend() -> str:
@@ -21,6 +22,23 @@ def backend() -> str:
     if mx.metal.is_available():
         return "metal"
     return "cuda"
+
+
+def kernel_path() -> dict:
+    """{"linear": which kernels this backend's linears run, "why": the reason}, for the log and the dashboard."""
+    on = backend()
+    if on == "cpu":
+        return cpu_path.describe()
+    if on == "cuda":
+        if cuda_q4.enabled():
+            return {"linear": "cuda-fused", "why": cuda_q4.check_report()}
+        return {"linear": "mlx", "why": cuda_q4.check_report() or "the CUDA kernels are off"}
+    return {"linear": "mlx", "why": "Metal: MLX's own kernels"}
+
+
+def set_threads(n: int) -> None:
+    """Threads the CPU kernels use (default: all cores)."""
+    cpu_path.set_threads(n)
 
 
 def compute_dtype(checkpoint_dtype: mx.Dtype, on: str | None = None) -> mx.Dtype:
@@ -65,15 +83,18 @@ class Linear(nn.Module):
             self.scales, self.biases = scales, biases
         self.group_size, self.bits = group_size, bits
         self.fast = matvec_kernel(weight, bits) if scales is not None else None
+        # on the CPU: a plan over numpy views of these tensors (the self-check runs at the first layer)
+        self.cpu = cpu_path.plan(weight, scales, biases, group_size, bits) if backend() == "cpu" else None
 
     @property
     def quantized(self) -> bool:
         return "scales" in self
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.quantized:
+        y = cpu_path.matmul(self.cpu, x) if self.cpu is not None else None
+        if y is None and self.quantized:
             y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.fast)
-        else:
+        elif y is None:
             y = x @ self.weight.T
         return y + self.bias if "bias" in self else y
 

@@ -3,8 +3,8 @@
     python scripts/check_gpu_engine.py [--shape qwen2.5-0.5b] [--layers 4]
 
 Writes a random-weight checkpoint (scripts/make_model.py), runs the same prompt through the engine with
-kernels.cuda_q4 enabled and disabled, and through mlx-lm; prints the logits' relative difference and
-whether the greedy tokens agree.
+the CUDA kernels (kernels/cuda_*.py) on and off, and through mlx-lm; prints the logits' relative difference
+and whether the greedy tokens agree.
 """
 
 import argparse
@@ -37,13 +37,13 @@ def main():
     p.add_argument("--shape", default="qwen2.5-0.5b")
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
-    from kernels import cuda_q4
+    from kernels import cuda_common, cuda_q4
     from make_model import make_model
     from swarm.model.decoder import load_stage
 
     folder = make_model(args.shape, Path(tempfile.mkdtemp()) / args.shape, layers=args.layers)
     print("backend:", mx.default_device(), "cuda_q4 enabled:", cuda_q4.enabled())
-    print(cuda_q4.check_report())
+    print(cuda_q4.report())
     prompt = [(i * 7919 + 13) % 5000 + 3 for i in range(24)]
     fused_stage = load_stage(folder)
     steps = sum(layer.decode_step is not None for layer in fused_stage.layers)
@@ -53,7 +53,7 @@ def main():
         layer.decode_step = None
     opwise_logits, opwise_tokens = run(fused_stage, prompt, 16)
     del fused_stage
-    cuda_q4._enabled = False
+    cuda_common.passed.update({family: False for family in cuda_common.passed})   # MLX's kernels only
     mlx_logits, mlx_tokens = run(load_stage(folder), prompt, 16)
     rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))  # noqa: E731
     # each step fed the same token ids: compare while the tokens agree
