@@ -1,34 +1,34 @@
-"""Sessions across the stages of a plan: hidden states forward, the last stage samples, tokens ring back.
+"""A request as the node that took it (its origin) sees it: admission, the attempt in flight, and moves.
 
-A request enters at any node (its origin). The origin sends the prompt to the first stage in chunks;
-each stage runs its layers and forwards the hidden state to the next; the last stage samples and
-sends the token both to the origin (to stream it) and to the first stage (to go on), so each token
-costs one round of hops and nothing else. The origin ends the session on every stage when it is done,
-fails or is cancelled; an idle session is dropped after SESSION_IDLE_S.
+The origin keeps each request's prompt and the tokens generated so far. An attempt sends prompt and
+tokens to the first stage of the plan in force, as one session; tokens come back as the last stage
+samples them (swarm/scheduler.py). When the plan changes under an attempt (a stage's node lost, a join
+that moves layers, a topology edit), the origin abandons it, waits for the new plan and starts another
+attempt that prefills prompt + generated tokens there: the stream goes on from the next token with the
+same sampler state (seed, step, the penalties' context), so the text is what an undisturbed run gives.
+A request moved more than `max_moves` times, or kept waiting longer than `plan_wait` seconds for a plan,
+fails with a clear error; so does one whose model has no source left or no longer fits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
-
-import mlx.core as mx
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Protocol
 
 from swarm.model.generate import PREFILL_STEP
-from swarm.model.sampling import Sampler, SamplingParams
-from swarm.protocol import decode_tensor, encode_tensor
-
-if TYPE_CHECKING:
-    from swarm.node import Node
+from swarm.model.sampling import Choice, SamplingParams
+from swarm.scheduler import Opening
 
 log = logging.getLogger("swarm.pipeline")
 
-SESSION_IDLE_S = 120.0
+MAX_MOVES = 4
+PLAN_WAIT_S = 30.0
 FIRST_TOKEN_TIMEOUT_S = 300.0
 TOKEN_TIMEOUT_S = 60.0
 
@@ -41,207 +41,170 @@ class SwarmError(RuntimeError):
         self.status = status
 
 
-def sampling_to_wire(params: SamplingParams, budget: int, eos: set[int]) -> dict:
-    return {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "min_p": params.min_p,
-            "repetition_penalty": params.repetition_penalty, "repetition_context": params.repetition_context,
-            "seed": params.seed if params.seed is not None else -1, "budget": budget, "eos": sorted(eos)}
+class Origin(Protocol):
+    """What a request needs of the node that took it."""
+    id: str
+    attempts: dict[str, "Request"]
+
+    async def send(self, node_id: str, frame: dict) -> None: ...
+    async def send_quietly(self, node_id: str, frame: dict) -> None: ...
+    async def plan_ready(self, after_epoch: int | None, timeout: float): ...
+    def note_move(self, paused_s: float) -> None: ...
 
 
-def sampling_from_wire(d: dict) -> tuple[SamplingParams, int, frozenset[int]]:
-    seed = int(d.get("seed", -1))
-    params = SamplingParams(temperature=float(d["temperature"]), top_k=int(d["top_k"]), top_p=float(d["top_p"]),
-                            min_p=float(d["min_p"]), repetition_penalty=float(d["repetition_penalty"]),
-                            repetition_context=int(d["repetition_context"]), seed=None if seed < 0 else seed)
-    return params, int(d["budget"]), frozenset(int(t) for t in d["eos"])
+class Admission:
+    """At most `max_active` requests generate at once; up to `max_queue` more wait their turn (first come,
+    first served); past that a request is refused as busy, with the figures."""
 
+    def __init__(self, max_active: int, max_queue: int):
+        self.max_active, self.max_queue = max_active, max_queue
+        self.active = self.waiting = 0
+        self._slots = asyncio.Semaphore(max_active)
 
-@dataclass
-class StageSession:
-    origin: str
-    epoch: int
-    cache: list
-    params: SamplingParams
-    budget: int
-    eos: frozenset[int]
-    sampler: Sampler
-    history: list[int] = field(default_factory=list)
-    step: int = 0
-    touched: float = field(default_factory=time.monotonic)
-
-
-class StageRunner:
-    """This node's part of every session: frames are handled one at a time, in arrival order."""
-
-    def __init__(self, node: "Node"):
-        self.node = node
-        self.sessions: dict[str, StageSession] = {}
-        self.ended: deque[str] = deque(maxlen=4096)
-        self.queue: asyncio.Queue[dict] = asyncio.Queue()
-
-    def submit(self, frame: dict) -> None:
-        self.queue.put_nowait(frame)
-
-    def end(self, session: str) -> None:
-        self.ended.append(session)
-        self.sessions.pop(session, None)
-
-    def drop_all(self, why: str) -> None:
-        for session in list(self.sessions):
-            self.end(session)
-        if why:
-            log.info("dropped all sessions: %s", why)
-
-    async def run(self) -> None:
-        while True:
-            frame = await self.queue.get()
-            try:
-                await self._handle(frame)
-            except Exception as e:  # one session fails; the node goes on
-                if isinstance(e, (SwarmError, ConnectionError)):
-                    log.warning("session %s failed on this stage: %s", frame.get("session"), e)
-                else:
-                    log.exception("session %s failed on this stage", frame.get("session"))
-                self.end(frame["session"])
-                await self.node.send_quietly(frame.get("origin", ""), {
-                    "t": "error", "session": frame["session"], "message": f"stage on {self.node.name} failed: {e}"})
-
-    async def sweep(self) -> None:
-        while True:
-            await asyncio.sleep(SESSION_IDLE_S / 4)
-            now = time.monotonic()
-            for sid, s in list(self.sessions.items()):
-                if now - s.touched > SESSION_IDLE_S:
-                    log.info("session %s idle for %.0f s: freed", sid, now - s.touched)
-                    self.end(sid)
-
-    def _session(self, frame: dict) -> StageSession | None:
-        sid = frame["session"]
-        session = self.sessions.get(sid)
-        if session is None and sid not in self.ended and frame["t"] == "forward" and "sampling" in frame:
-            params, budget, eos = sampling_from_wire(frame["sampling"])
-            session = self.sessions[sid] = StageSession(
-                origin=str(frame.get("origin", "")), epoch=frame["epoch"], cache=self.node.stage.make_cache(),
-                params=params, budget=budget, eos=eos, sampler=Sampler(params))
-        return session
-
-    async def _handle(self, frame: dict) -> None:
-        session = self._session(frame)
-        if session is None:
-            return  # ended, or a late frame of a session this node never had
-        session.touched = time.monotonic()
-        node, stage = self.node, self.node.stage
-        # the plan of this frame's epoch, held across the awaits below: a new epoch may come meanwhile
-        plan, mine = node.plan, node.plan_stage
-        if frame["epoch"] != node.epoch or stage is None:
-            raise SwarmError(f"plan epoch {frame['epoch']} is no longer in force (now {node.epoch})")
-        if mine is None or (mine.start, mine.end) != (stage.spec.start, stage.spec.end):
-            raise SwarmError(f"this node is still loading its stage of plan epoch {node.epoch}")
-        ids = [frame["token"]] if frame["t"] == "token" else frame.get("tokens")
-        if (ids is not None) != stage.spec.first:
-            raise SwarmError(f"this stage takes {'token ids' if stage.spec.first else 'hidden states'}", 400)
-        if ids is not None:
-            # MLX does not check indices: an id past the embedding reads out of bounds (a crash at best)
-            if not all(0 <= t < stage.cfg.vocab_size for t in ids):
-                raise SwarmError(f"token ids must be in [0, {stage.cfg.vocab_size})", 400)
-            x, more = mx.array([ids], dtype=mx.int32), bool(frame.get("more"))
-        else:
-            x, more = decode_tensor(frame["hidden"]), bool(frame.get("more"))
-            if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != stage.cfg.hidden_size:
-                raise SwarmError(f"hidden states of shape {tuple(x.shape)} for hidden size {stage.cfg.hidden_size}", 400)
-        pos, cache = frame["pos"], session.cache
-        if cache[0].offset != pos:
-            raise SwarmError(f"session {frame['session']}: expected position {cache[0].offset}, got {pos}")
-        if not stage.spec.last:
-            hidden = await node.compute(lambda: _evaluated(stage(x, cache)))
-            out = {"t": "forward", "session": frame["session"], "epoch": frame["epoch"], "pos": pos,
-                   "origin": session.origin, "hidden": encode_tensor(hidden, node.wire_dtype), "more": more}
-            if "sampling" in frame:
-                out["sampling"] = frame["sampling"]
-            await node.send(plan.stages[plan.stages.index(mine) + 1].node_id, out)
-            return
-        if more:
-            await node.compute(lambda: _evaluated(stage(x, cache)))
-            return
-        token = await node.compute(lambda: session.sampler(stage(x, cache)[0, -1], session.history))
-        session.history.append(token)
-        session.step += 1
-        done = token in session.eos or session.step >= session.budget
-        out = {"t": "token", "session": frame["session"], "epoch": frame["epoch"], "pos": pos + x.shape[1],
-               "token": token, "done": done, "step": session.step, "origin": session.origin}
-        first = plan.stages[0].node_id
-        if done:
-            self.end(frame["session"])
-        for target in dict.fromkeys([session.origin] + ([first] if not done else [])):
-            await node.send(target, out)
-
-
-def _evaluated(x: mx.array) -> mx.array:
-    mx.eval(x)
-    return x
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self._slots.locked() and self.waiting >= self.max_queue:
+            raise SwarmError(f"busy: {self.active} requests generating and {self.waiting} waiting "
+                             f"(--max-batch {self.max_active}, --max-queue {self.max_queue})")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
 
 
 @dataclass
-class Request:
+class Attempt:
     session: str
     epoch: int
     nodes: tuple[str, ...]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-async def request_tokens(node: "Node", prompt: list[int], params: SamplingParams, budget: int) -> AsyncIterator[int]:
-    """Token ids of one generation through the swarm's pipeline, as the last stage samples them."""
-    plan, epoch = node.plan, node.epoch
-    first = plan.stages[0].node_id
-    request = Request(uuid.uuid4().hex, epoch, plan.node_ids())
-    node.requests[request.session] = request
-    sampling = sampling_to_wire(params, budget, node.eos_ids)
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams          # with its seed set, so every attempt draws the same
+    budget: int                     # tokens it may generate
+    eos: frozenset[int]
+    generated: list[int] = field(default_factory=list)
+    attempt: Attempt | None = None
+    moves: int = 0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # (kind, session, value)
+
+    def opening(self) -> Opening:
+        p, context = self.params, []
+        if p.repetition_penalty != 1.0:
+            context = self.prompt[-p.repetition_context:] if p.repetition_context > 0 else []
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.grammar:
+            context = context + self.generated
+        return Opening(p, self.budget, self.eos, context, len(self.generated))
+
+
+async def request_tokens(node: Origin, prompt: list[int], params: SamplingParams, budget: int, eos: frozenset[int],
+                         max_moves: int = MAX_MOVES, plan_wait: float = PLAN_WAIT_S) -> AsyncIterator[tuple[Choice, bool]]:
+    """(choice, done) for each token of one generation through the swarm, moved between plans as needed."""
+    if params.seed is None:
+        params = replace(params, seed=secrets.randbits(63))
+    request = Request(uuid.uuid4().hex, list(prompt), params, budget, eos)
     try:
-        for i in range(0, len(prompt), PREFILL_STEP):
-            await node.send(first, {"t": "forward", "session": request.session, "epoch": epoch, "pos": i,
-                                    "tokens": prompt[i:i + PREFILL_STEP], "origin": node.id, "sampling": sampling,
-                                    "more": i + PREFILL_STEP < len(prompt)})
-        timeout = FIRST_TOKEN_TIMEOUT_S
         while True:
-            try:
-                kind, value, done = await asyncio.wait_for(request.queue.get(), timeout)
-            except asyncio.TimeoutError:
-                raise SwarmError(f"no token from the pipeline in {timeout:.0f} s", 504) from None
-            if kind == "error":
-                raise SwarmError(value)
-            yield value
-            if done:
-                return
-            timeout = TOKEN_TIMEOUT_S
+            moved_at = time.monotonic() if request.attempt else None
+            await _start_attempt(node, request, plan_wait)
+            if moved_at is not None:
+                node.note_move(time.monotonic() - moved_at)
+            async for choice, done in _attempt_tokens(request):
+                request.generated.append(choice.token)
+                yield choice, done
+                if done:
+                    return
+            await _abandon(node, request)
+            request.moves += 1
+            if request.moves > max_moves:
+                raise SwarmError(f"the swarm changed its plan {request.moves} times during this request; giving up")
     finally:
-        node.requests.pop(request.session, None)
-        for node_id in request.nodes:
-            await node.send_quietly(node_id, {"t": "end", "session": request.session})
+        await _abandon(node, request)
 
 
-def deliver(node: "Node", frame: dict) -> None:
-    """A token, end or error frame reaching this node: feed its request and/or its first stage."""
-    t, sid = frame["t"], frame.get("session")
-    request = node.requests.get(sid)
-    if t == "token":
-        if request is not None and frame.get("origin", node.id) == node.id:
-            request.queue.put_nowait(("token", frame["token"], bool(frame.get("done"))))
-        if not frame.get("done") and node.plan_stage is not None and node.plan_stage.first and sid in node.runner.sessions:
-            node.runner.submit(frame)
-    elif t == "end":
-        node.runner.end(sid)
-    elif t == "error" and request is not None:
-        request.queue.put_nowait(("error", frame["message"], True))
+async def _start_attempt(node: Origin, request: Request, plan_wait: float) -> None:
+    after = request.attempt.epoch if request.attempt else None
+    plan, epoch = await node.plan_ready(after, plan_wait)
+    attempt = request.attempt = Attempt(f"{request.id}.{request.moves}", epoch, plan.node_ids())
+    node.attempts[attempt.session] = request
+    if request.moves:
+        log.info("request %s moves to plan epoch %d after %d tokens", request.id, epoch, len(request.generated))
+    ids = request.prompt + request.generated
+    for i in range(0, len(ids), PREFILL_STEP):
+        row = {"session": attempt.session, "pos": i, "n": len(ids[i:i + PREFILL_STEP]), "origin": node.id,
+               "more": i + PREFILL_STEP < len(ids)}
+        if i == 0:
+            row["open"] = request.opening().to_wire()
+        try:
+            await node.send(plan.stages[0].node_id, {"t": "forward", "epoch": epoch, "stage": 0, "rows": [row],
+                                                     "tokens": ids[i:i + PREFILL_STEP]})
+        except ConnectionError as e:
+            request.events.put_nowait(("moved", attempt.session, f"first stage unreachable: {e}"))
+            return
 
 
-def fail_stale_requests(node: "Node", epoch: int) -> None:
-    """Requests of an older plan fail now: a new epoch ended their sessions on every stage."""
-    for request in list(node.requests.values()):
-        if request.epoch != epoch:
-            request.queue.put_nowait(("error", f"the swarm changed its plan (epoch {epoch}) mid-request", True))
+async def _attempt_tokens(request: Request) -> AsyncIterator[tuple[Choice, bool]]:
+    """The tokens of the attempt in flight; returns when the attempt is moved, raises when it fails."""
+    session, timeout = request.attempt.session, FIRST_TOKEN_TIMEOUT_S
+    while True:
+        try:
+            kind, sid, value = await asyncio.wait_for(request.events.get(), timeout)
+        except asyncio.TimeoutError:
+            raise SwarmError(f"no token from the pipeline in {timeout:.0f} s", 504) from None
+        if sid != session:
+            continue  # a late word of an abandoned attempt
+        if kind == "moved":
+            log.info("request %s: %s", request.id, value)
+            return
+        if kind == "error":
+            raise SwarmError(*value)
+        top = [(int(t), float(lp)) for t, lp in value["top"]] if "top" in value else None
+        yield Choice(value["token"], value.get("logprob"), top), bool(value.get("done"))
+        timeout = TOKEN_TIMEOUT_S
 
 
-def fail_requests(node: "Node", dead_node: str, why: str) -> None:
-    """Requests whose pipeline passes through a node that is gone fail now instead of waiting."""
-    for request in list(node.requests.values()):
-        if dead_node in request.nodes:
-            request.queue.put_nowait(("error", f"node {dead_node} left the swarm mid-request ({why})", True))
+async def _abandon(node: Origin, request: Request) -> None:
+    """End the attempt's session on every node of its plan (it may still be running there)."""
+    attempt = request.attempt
+    if attempt is None or node.attempts.pop(attempt.session, None) is None:
+        return
+    for node_id in attempt.nodes:
+        await node.send_quietly(node_id, {"t": "end", "session": attempt.session})
+
+
+def deliver_tokens(node: Origin, rows: list[dict]) -> None:
+    for row in rows:
+        request = node.attempts.get(row["session"])
+        if request is not None:
+            request.events.put_nowait(("token", row["session"], row))
+
+
+def deliver_error(node: Origin, frame: dict) -> None:
+    """A stage refused or lost an attempt's session: "stale" ones move, the others fail (a request the
+    stage found malformed, such as a grammar it cannot follow, as the client's error: 400)."""
+    request = node.attempts.get(frame.get("session", ""))
+    if request is None:
+        return
+    code = frame.get("code")
+    if code == "stale":
+        request.events.put_nowait(("moved", frame["session"], frame["message"]))
+    else:
+        request.events.put_nowait(("error", frame["session"], (frame["message"], 400 if code == "bad_request" else 503)))
+
+
+def move_requests(node: Origin, why: str, *, epoch: int | None = None, gone: str | None = None) -> None:
+    """Attempts of a plan other than `epoch`, or passing through node `gone`, move to the next plan."""
+    for request in set(node.attempts.values()):
+        attempt = request.attempt
+        if attempt is not None and ((epoch is not None and attempt.epoch != epoch) or gone in attempt.nodes):
+            request.events.put_nowait(("moved", attempt.session, why))

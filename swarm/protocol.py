@@ -37,18 +37,24 @@ KINDS = {
     "str": (lambda v: type(v) is str, "a string"),
     "uint": (_uint, "a non-negative int"),
     "float": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    "number": (lambda v: type(v) in (int, float) and not math.isnan(v), "a number"),  # -inf: a masked token
     "bool": (lambda v: type(v) is bool, "a bool"),
     "bytes": (lambda v: type(v) is bytes, "bytes"),
     "map": (lambda v: type(v) is dict, "a map"),
     "maps": (lambda v: type(v) is list and all(type(x) is dict for x in v), "a list of maps"),
     "uints": (lambda v: type(v) is list and all(_uint(x) for x in v), "a list of non-negative ints"),
+    "logprobs": (lambda v: type(v) is list and len(v) <= 64 and all(
+        type(x) is list and len(x) == 2 and _uint(x[0]) and type(x[1]) in (int, float) and not math.isnan(x[1])
+        for x in v), "a list of [token, logprob] pairs"),
     "tensor": (lambda v: _tensor_problem(v) is None, "a tensor {dtype, shape, data}"),
+    "rows": (lambda v: type(v) is list, "a list of rows"),
 }
 
 # type -> (required fields, optional fields). Unknown extra fields are allowed and ignored.
 # Handshake, dialer A and listener B (swarm/auth.py makes and checks the challenges):
 #   B->A hello(challenge cB); A->B auth(response to cB, challenge cA); B->A welcome(response to cA).
 #   A refuses a B of another cluster or with its own node_id; B answers cA only once A has answered cB.
+#   It runs over TLS to B's peer port, and both responses also cover B's certificate as each side saw it.
 SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "hello": ({"node_id": "str", "cluster": "str", "version": "str", "challenge": "bytes"},
               {"name": "str", "info": "map"}),
@@ -58,14 +64,45 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "peers": ({"peers": "maps"}, {}),
     "plan": ({"epoch": "uint", "plan": "map"}, {}),
     "plan_ack": ({"epoch": "uint", "node_id": "str"}, {"ok": "bool", "error": "str"}),
-    "forward": ({"session": "str", "epoch": "uint", "pos": "uint"},
-                {"hidden": "tensor", "tokens": "uints", "origin": "str", "sampling": "map", "step": "uint",
-                 "more": "bool"}),
-    "token": ({"session": "str", "epoch": "uint", "pos": "uint", "token": "uint"},
-              {"done": "bool", "step": "uint", "origin": "str"}),
+    # pipeline frames carry rows of several sessions (swarm/scheduler.py): a forward frame's rows cut its
+    # tokens or hidden states (T, hidden) into consecutive pieces of n rows; see ROW_SCHEMAS
+    "forward": ({"epoch": "uint", "stage": "uint", "rows": "rows"}, {"hidden": "tensor", "tokens": "uints"}),
+    "tokens": ({"epoch": "uint", "rows": "rows"}, {}),
     "end": ({"session": "str"}, {"reason": "str"}),
+    "leave": ({"node_id": "str"}, {}),
+    "handover": ({"node_id": "str", "ok": "bool"}, {"error": "str"}),
     "error": ({"message": "str"}, {"session": "str", "code": "str"}),
 }
+
+
+MAX_ROWS = 4096
+ROW_SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "forward": ({"session": "str", "pos": "uint", "n": "uint"}, {"more": "bool", "origin": "str", "open": "map"}),
+    "tokens": ({"session": "str", "pos": "uint", "token": "uint"},
+               {"done": "bool", "step": "uint", "logprob": "number", "top": "logprobs"}),
+}
+
+
+def _check_fields(what: str, msg: dict, schema: tuple[dict[str, str], dict[str, str]]) -> None:
+    required, optional = schema
+    for name, kind in (*required.items(), *optional.items()):
+        if name not in msg:
+            if name in required:
+                raise ProtocolError(f"{what}: missing field {name!r}")
+            continue
+        ok, words = KINDS[kind]
+        if not ok(msg[name]):
+            detail = _tensor_problem(msg[name]) if kind == "tensor" else type(msg[name]).__name__
+            raise ProtocolError(f"{what}: field {name!r} must be {words} ({detail})")
+
+
+def _check_rows(t: str, rows: list) -> None:
+    if not rows or len(rows) > MAX_ROWS:
+        raise ProtocolError(f"frame {t!r}: between 1 and {MAX_ROWS} rows are required")
+    for i, row in enumerate(rows):
+        if type(row) is not dict:
+            raise ProtocolError(f"frame {t!r}: row {i} must be a map")
+        _check_fields(f"frame {t!r} row {i}", row, ROW_SCHEMAS[t])
 
 
 def _tensor_problem(d) -> str | None:
@@ -92,16 +129,9 @@ def validate(msg) -> dict:
     t = msg.get("t")
     if type(t) is not str or t not in SCHEMAS:
         raise ProtocolError(f"unknown or missing frame type {t!r:.40}")
-    required, optional = SCHEMAS[t]
-    for name, kind in (*required.items(), *optional.items()):
-        if name not in msg:
-            if name in required:
-                raise ProtocolError(f"frame {t!r}: missing field {name!r}")
-            continue
-        ok, words = KINDS[kind]
-        if not ok(msg[name]):
-            detail = _tensor_problem(msg[name]) if kind == "tensor" else type(msg[name]).__name__
-            raise ProtocolError(f"frame {t!r}: field {name!r} must be {words} ({detail})")
+    _check_fields(f"frame {t!r}", msg, SCHEMAS[t])
+    if t in ROW_SCHEMAS:
+        _check_rows(t, msg["rows"])
     if t == "forward" and ("hidden" in msg) == ("tokens" in msg):
         raise ProtocolError("frame 'forward': exactly one of 'hidden' and 'tokens' is required")
     return msg
@@ -214,12 +244,23 @@ def encode_tensor(x: mx.array, wire_dtype: str | None = None) -> dict:
 
 def decode_tensor(d: dict) -> mx.array:
     """{"dtype", "shape", "data"} -> mx.array of that dtype and shape; ProtocolError if inconsistent."""
+    return tensor_to_mx(tensor_numpy(d), d["dtype"])
+
+
+def tensor_numpy(d: dict) -> np.ndarray:
+    """{"dtype", "shape", "data"} -> a numpy view of the bytes (bfloat16 as its raw uint16); no MLX op, so any
+    thread may call it. ProtocolError if inconsistent."""
     problem = _tensor_problem(d)
     if problem:
         raise ProtocolError(problem)
-    mx_dtype, np_dtype = WIRE_DTYPES[d["dtype"]]
-    arr = mx.array(np.frombuffer(d["data"], dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(d["shape"]))
-    return arr.view(mx.bfloat16) if mx_dtype == mx.bfloat16 else arr
+    return np.frombuffer(d["data"], dtype=np.dtype(WIRE_DTYPES[d["dtype"]][1]).newbyteorder("<")).reshape(d["shape"])
+
+
+def tensor_to_mx(a: np.ndarray, dtype: str) -> mx.array:
+    """A numpy array from tensor_numpy (or rows of them) -> mx.array of the wire dtype (an MLX op for bfloat16:
+    call it on the thread that computes)."""
+    arr = mx.array(a)
+    return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
 
 
 async def send_frame(ws, msg: dict) -> None:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import urllib.request
 from pathlib import Path
 
+from tests.checkpoints import require_demo
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,17 +29,27 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
+def needs_demo(args) -> bool:
+    return any(a == "--model" and b == "demo" for a, b in zip(args, args[1:]))
+
+
 class Daemon:
-    """One `cake-swarm up` process; `popen` lets a namespace wrap the command."""
+    """One `cake-swarm up` process; `popen` lets a namespace wrap the command.
+
+    A daemon started with `--model demo` first makes sure the demo's files can be had (the test skips
+    when they cannot), so that it never fails on a download it cannot make."""
 
     def __init__(self, name: str, host: str, port: int, args: list[str], log_dir: Path, env: dict | None = None,
                  popen=subprocess.Popen):
+        if needs_demo(args):
+            require_demo()
         self.name, self.host, self.port = name, host, port
         self.url = f"http://{host}:{port}"
         self.log_path = log_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "swarm.cli", "up", "--name", name, "--host", host, "--port", str(port), *args]
         self.proc = popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1",
+                               "XDG_CONFIG_HOME": str(log_dir / f"{name}-config"), **(env or {})})
 
     def state(self) -> dict:
         return get_json(self.url + "/api/swarm")
@@ -154,6 +166,7 @@ def demo_pair(tmp: Path, api_key: str | None = None, args_a: tuple = (), args_b:
 
 def cli_generate(tmp: Path, *args: str, timeout: float = 120.0) -> str:
     """stdout of `cake-swarm generate --model demo ARGS` (single node, no daemon), without its final newline."""
+    require_demo()
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", "demo", *args], cwd=REPO,
                          env={**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg")}, capture_output=True, text=True,
                          timeout=timeout, check=True)

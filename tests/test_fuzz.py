@@ -1,8 +1,11 @@
 """Fuzzing what strangers and files feed the daemon: peer frames (live), topology YAML, safetensors headers.
 
-- A running daemon gets random and mutated CBOR frames on /peer, before the handshake (as a stranger)
-  and after it (as a peer holding the key): each connection is closed or the frame ignored, and the
-  daemon lives on, answers /api/swarm, lists no stranger and gives the same answer as before.
+- A running daemon gets random and mutated CBOR frames on /peer (over TLS, on its peer port), before the
+  handshake (as a stranger) and after it (as a peer holding the key): each connection is closed or the
+  frame ignored, and the daemon lives on, answers /api/swarm, lists no stranger and gives the same
+  answer as before.
+- Its TLS port gets random bytes and mutated TLS ClientHellos, and, after TLS, random and mutated
+  handshake frames (hello, auth, welcome) in answer to its hello: nothing is admitted, nothing breaks.
 - A websocket frame header that declares 1 GiB is refused on the header, before any payload is read.
 - topology.parse on random text, random YAML and mutated examples: only TopologyError escapes.
 - tensorfile.parse_header / read_header on random bytes and random JSON headers: only TensorFileError
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -32,9 +37,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from swarm import auth
-from swarm.protocol import MAX_FRAME_BYTES, SCHEMAS, decode_frame, encode_frame
+from swarm.protocol import MAX_FRAME_BYTES, ROW_SCHEMAS, SCHEMAS, decode_frame, encode_frame
+from swarm.tls import client_context, seen_fingerprint
 from swarm.tensorfile import DTYPE_BYTES, MAX_HEADER_BYTES, TensorFileError, parse_header, read_header
-from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, wait_ready
+from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, get_json, wait_ready
 from tests.test_protocol import VALID
 from topology import TopologyError, parse as parse_topology
 
@@ -70,12 +76,21 @@ KIND_VALUES = {
     "map": st.dictionaries(st.text(max_size=8), cbor_values, max_size=4),
     "maps": st.lists(st.dictionaries(st.text(max_size=8), cbor_values, max_size=3), max_size=3),
     "uints": st.lists(uint, min_size=1, max_size=8), "tensor": tensors(),
+    "number": st.floats(allow_nan=False), "logprobs": st.lists(st.tuples(uint, st.floats(allow_nan=False)).map(list),
+                                                               max_size=4),
 }
 
 
 def _valid_of(t: str):
     required, optional = SCHEMAS[t]
-    return st.fixed_dictionaries({"t": st.just(t), **{f: KIND_VALUES[k] for f, k in required.items()}},
+    kinds = {**KIND_VALUES, "rows": st.lists(_valid_row(t), min_size=1, max_size=3) if t in ROW_SCHEMAS else st.nothing()}
+    return st.fixed_dictionaries({"t": st.just(t), **{f: kinds[k] for f, k in required.items()}},
+                                 optional={f: kinds[k] for f, k in optional.items()})
+
+
+def _valid_row(t: str):
+    required, optional = ROW_SCHEMAS[t]
+    return st.fixed_dictionaries({f: KIND_VALUES[k] for f, k in required.items()},
                                  optional={f: KIND_VALUES[k] for f, k in optional.items()})
 
 
@@ -109,24 +124,42 @@ small_or_any = st.integers(0, 2) | uint
 number = st.floats() | st.integers(-3, 3) | st.integers(-2**63, 2**64 - 1)
 SANE_SAMPLING = {"temperature": st.sampled_from([0.0, 0.8]), "top_k": st.integers(0, 600), "top_p": st.floats(0.01, 1),
                  "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.5, 2), "repetition_context": st.integers(0, 99),
-                 "seed": st.integers(-1, 2**63 - 1), "budget": st.integers(0, 30), "eos": st.lists(st.integers(0, 600), max_size=3)}
+                 "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+                 "logit_bias": st.lists(st.tuples(st.integers(0, 600), st.floats(-100, 100)).map(list), max_size=3),
+                 "seed": st.integers(-1, 2**63 - 1), "logprobs": st.integers(-1, 25)}
 sampling_maps = st.one_of(
     st.fixed_dictionaries(SANE_SAMPLING),
     st.sampled_from(sorted(SANE_SAMPLING)).flatmap(  # one odd value among sane ones
         lambda odd: st.fixed_dictionaries({**SANE_SAMPLING, odd: number | cbor_values})),
     st.dictionaries(st.text(max_size=12), cbor_values, max_size=4))
+SANE_OPENING = {"sampling": st.fixed_dictionaries(SANE_SAMPLING), "budget": st.integers(0, 30),
+                "eos": st.lists(st.integers(0, 600), max_size=3), "context": st.lists(st.integers(0, 600), max_size=5),
+                "step": st.integers(0, 5)}
+opening_maps = st.one_of(
+    st.fixed_dictionaries(SANE_OPENING),
+    st.fixed_dictionaries({**SANE_OPENING, "sampling": sampling_maps}),
+    st.sampled_from(sorted(SANE_OPENING)).flatmap(lambda odd: st.fixed_dictionaries({**SANE_OPENING, odd: number | cbor_values})),
+    st.dictionaries(st.text(max_size=12), cbor_values, max_size=4))
 sessions = st.sampled_from(["s1", "s2"]) | st.text(max_size=4)
 token_ids = st.integers(0, 600) | uint
 epochs = st.just("now") | small_or_any   # "now": the daemon's epoch when the frame is sent
-forwards = st.fixed_dictionaries(
-    {"t": st.just("forward"), "session": sessions, "epoch": epochs, "pos": st.just(0) | small_or_any,
-     "sampling": sampling_maps}, optional={"origin": st.text(max_size=4), "more": st.booleans()})
+forward_rows = st.lists(st.fixed_dictionaries(
+    {"session": sessions, "pos": st.just(0) | small_or_any, "n": st.integers(1, 3) | small_or_any},
+    optional={"origin": st.text(max_size=4), "more": st.booleans(), "open": opening_maps}), min_size=1, max_size=3)
+forwards = st.fixed_dictionaries({"t": st.just("forward"), "epoch": epochs, "stage": st.just(0) | small_or_any,
+                                  "rows": forward_rows})
+token_rows = st.lists(st.fixed_dictionaries(
+    {"session": sessions, "pos": small_or_any, "token": token_ids},
+    optional={"done": st.booleans(), "step": small_or_any}), min_size=1, max_size=3)
 pipeline_frames = st.one_of(
     forwards.flatmap(lambda m: (st.lists(st.integers(0, 511), max_size=6) | st.lists(token_ids, max_size=6))
                      .map(lambda ids: {**m, "tokens": ids})),
+    # token rows that agree with their count: past the frame's own check, into the stage
+    forwards.filter(lambda m: sum(r["n"] for r in m["rows"]) <= 64).flatmap(
+        lambda m: st.lists(st.integers(0, 511), min_size=sum(r["n"] for r in m["rows"]),
+                           max_size=sum(r["n"] for r in m["rows"])).map(lambda ids: {**m, "tokens": ids})),
     forwards.flatmap(lambda m: tensors().map(lambda h: {**m, "hidden": h})),
-    st.fixed_dictionaries({"t": st.just("token"), "session": sessions, "epoch": epochs, "pos": small_or_any,
-                           "token": token_ids}, optional={"done": st.booleans(), "origin": st.text(max_size=4)}),
+    st.fixed_dictionaries({"t": st.just("tokens"), "epoch": epochs, "rows": token_rows}),
     st.fixed_dictionaries({"t": st.just("end"), "session": sessions}),
     st.fixed_dictionaries({"t": st.just("error"), "message": st.text(max_size=8), "session": sessions}),
 )
@@ -141,7 +174,7 @@ def daemon(tmp_path_factory):
     key = uuid.uuid4().hex
     d = Daemon("a", "127.0.0.1", free_port(), ["--model", "demo", "--memory-budget", "2MB", "--max-context", "256",
                                                 "--speed", "1", "--cluster-key", key, "--no-mdns",
-                                                "--cache-dir", str(tmp / "a")],
+                                                "--cache-dir", str(tmp / "a"), "--config-dir", str(tmp / "a-config")],
                tmp, {"XDG_CACHE_HOME": str(tmp / "xdg")})
     try:
         wait_ready([d], nodes=1)
@@ -153,18 +186,28 @@ def daemon(tmp_path_factory):
 
 async def _handshake(ws, key: str, node_id: str) -> None:
     hello = decode_frame((await ws.receive(timeout=5)).data)
-    mine = auth.new_challenge()
+    mine, seen = auth.new_challenge(), seen_fingerprint(ws)
     await ws.send_bytes(encode_frame({"t": "auth", "node_id": node_id, "challenge": mine,
-                                      "response": auth.respond(key, hello["challenge"], node_id),
+                                      "response": auth.respond(key, hello["challenge"], node_id, seen),
                                       "info": {"name": "fuzzer", "addr": "127.0.0.1", "port": 9}}))
     welcome = decode_frame((await ws.receive(timeout=5)).data)
-    assert welcome["t"] == "welcome" and auth.check(key, mine, hello["node_id"], welcome["response"])
+    assert welcome["t"] == "welcome" and auth.check(key, mine, hello["node_id"], welcome["response"], seen)
+
+
+@functools.cache
+def _peer_port(url: str) -> int:
+    """The TLS port of the daemon whose dashboard is url."""
+    return get_json(url + "/peer-port")["peer_port"]
+
+
+def _peer_socket(http: aiohttp.ClientSession, url: str):
+    return http.ws_connect(f"https://127.0.0.1:{_peer_port(url)}/peer", ssl=client_context())
 
 
 def _send_to_peer_socket(url: str, frames: list[bytes | str], key: str | None) -> None:
     """One connection: (handshake,) the frames, then a moment for the daemon to act on them or close."""
     async def run():
-        async with aiohttp.ClientSession() as http, http.ws_connect(url + "/peer") as ws:
+        async with aiohttp.ClientSession() as http, _peer_socket(http, url) as ws:
             if key is None:
                 await ws.receive(timeout=5)  # the hello; we answer with the fuzz frame instead of auth
             else:
@@ -199,12 +242,71 @@ def test_frames_after_the_handshake_never_hurt_the_daemon(daemon, frame):
     assert d.proc.poll() is None
 
 
+def _client_hello() -> bytes:
+    """The first flight of the standard library's TLS 1.3 client, as it would reach the peer port."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+tls_bytes = st.binary(max_size=600) | mutated([_client_hello() for _ in range(3)])
+
+
+@FUZZ_SETTINGS
+@given(data=tls_bytes)
+def test_bytes_into_the_tls_port_never_hurt_the_daemon(daemon, data):
+    """Random bytes and mutated ClientHellos where a TLS handshake should start."""
+    d, _, _ = daemon
+    try:
+        with socket.create_connection((d.host, _peer_port(d.url)), timeout=5) as s:
+            s.sendall(data)
+            s.settimeout(0.1)
+            while s.recv(65536):   # whatever the daemon answers, until it closes or goes quiet
+                pass
+    except (TimeoutError, ConnectionError):
+        pass
+    assert d.proc.poll() is None
+
+
+HANDSHAKE = [{"t": "hello", "node_id": "a", "cluster": "open", "version": "2", "challenge": bytes(32)},
+             {"t": "auth", "node_id": "x", "response": b"\x01" * 32, "challenge": b"\x02" * 32,
+              "info": {"addr": "127.0.0.1", "port": 9, "peer_port": 10}},
+             {"t": "welcome", "node_id": "b", "response": b"\x03" * 32, "peers": [{"node_id": "c", "port": 1}]}]
+handshake_frames = (st.sampled_from(["hello", "auth", "welcome"]).flatmap(_valid_of).map(cbor2.dumps)
+                    | mutated([encode_frame(m) for m in HANDSHAKE]))
+
+
+@FUZZ_SETTINGS
+@given(frames=st.lists(handshake_frames, min_size=1, max_size=3))
+def test_handshake_frames_after_tls_never_hurt_the_daemon(daemon, frames):
+    """After TLS and the daemon's hello: random and mutated hello/auth/welcome frames instead of a true auth."""
+    d, _, _ = daemon
+    _send_to_peer_socket(d.url, frames, None)
+    assert d.proc.poll() is None
+
+
 # a well-formed session opening whose tokens go to the daemon itself ("self"), so that it generates on its own
 # and the frames after it meet a live session with its KV cache
-openings = st.fixed_dictionaries({"t": st.just("forward"), "session": st.just("s1"), "epoch": st.just("now"),
-                                  "origin": st.just("self"),
-                                  "pos": st.just(0), "tokens": st.lists(st.integers(0, 511), min_size=1, max_size=6),
-                                  "sampling": st.fixed_dictionaries(SANE_SAMPLING), "more": st.booleans()})
+openings = st.lists(st.integers(0, 511), min_size=1, max_size=6).flatmap(lambda ids: st.fixed_dictionaries({
+    "t": st.just("forward"), "epoch": st.just("now"), "stage": st.just(0), "tokens": st.just(ids),
+    "rows": st.fixed_dictionaries({"session": st.just("s1"), "pos": st.just(0), "n": st.just(len(ids)),
+                                   "origin": st.just("self"), "more": st.booleans(),
+                                   "open": st.fixed_dictionaries(SANE_OPENING)}).map(lambda r: [r])}))
+
+
+def _live(frame: dict, run: str, now: dict) -> dict:
+    """The frame with this example's session ids, and the daemon's own epoch and id where it says now/self."""
+    out = {**frame, **{k: now[k] for k in ("epoch",) if frame.get(k) == "now"}}
+    if "session" in frame:
+        out["session"] = run + frame["session"]
+    if "rows" in frame:
+        out["rows"] = [{**r, "session": run + r["session"], **({"origin": now["origin"]} if r.get("origin") == "self" else {})}
+                       for r in frame["rows"]]
+    return out
 
 
 @FUZZ_SETTINGS
@@ -214,18 +316,17 @@ def test_pipeline_frames_from_a_peer_never_hurt_the_daemon(daemon, frames):
     run = uuid.uuid4().hex[:6]  # sessions of this example only: the daemon ignores ended ones for good
     state = d.state()
     now = {"epoch": state["epoch"], "origin": state["node"]["id"]}
-    _send_to_peer_socket(d.url, [encode_frame({**f, "session": run + f["session"]}
-                                              | {k: now[k] for k in now if f.get(k) in ("now", "self")})
-                                 for f in frames], key)
+    _send_to_peer_socket(d.url, [encode_frame(_live(f, run, now)) for f in frames], key)
     assert d.proc.poll() is None
 
 
 def test_an_oversized_frame_is_refused_on_its_header(daemon):
     """A binary frame declaring 1 GiB, of which no byte is sent: the daemon closes with 1009 at once."""
     d, _, _ = daemon
-    with socket.create_connection((d.host, d.port), timeout=10) as s:
+    port = _peer_port(d.url)
+    with client_context().wrap_socket(socket.create_connection((d.host, port), timeout=10)) as s:
         nonce = base64.b64encode(os.urandom(16)).decode()
-        s.sendall((f"GET /peer HTTP/1.1\r\nHost: {d.host}:{d.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        s.sendall((f"GET /peer HTTP/1.1\r\nHost: {d.host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                    f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         head = b""
         while b"\r\n\r\n" not in head:
@@ -234,7 +335,10 @@ def test_an_oversized_frame_is_refused_on_its_header(daemon):
         s.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 1 << 30) + os.urandom(4))  # FIN|binary, masked
         rest, got = head.split(b"\r\n\r\n", 1)[1], b""
         while True:  # the hello, then the close frame (opcode 8) with code 1009 (message too big)
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except (ssl.SSLError, ConnectionError):   # closed without TLS's close_notify
+                break
             if not chunk:
                 break
             got += chunk
@@ -406,13 +510,13 @@ atheris.Fuzz()
 RUNS = 6000
 
 
-def test_atheris_finds_nothing(tmp_path):
+def test_atheris_finds_nothing(tmp_path, tiny_qwen2):
     """RUNS coverage-guided runs (about 15 s) from a corpus of valid frames, example topologies and a
     real safetensors header; libFuzzer stops with a non-zero status on the first escaped exception."""
     pytest.importorskip("atheris")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    model = next((REPO.parent / "shared" / "fixtures" / "tiny-qwen2-4bit").glob("*.safetensors"))
+    model = tiny_qwen2.folder / "model.safetensors"
     with open(model, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         seeds = VALID_FRAMES + [e.encode()[:512] for e in EXAMPLES] + [f.read(min(n, 512))]

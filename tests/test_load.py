@@ -1,10 +1,12 @@
-"""Load: 50 chats at once through one node of a three-node swarm (demo model, a 2/2/1 split).
+"""Many streams at once: batched decode through one node and through a three-node swarm (demo model).
 
-That node keeps its default --max-sessions 16. Every chat either gives exactly its prompt's single-node
-greedy answer (ten prompts, five chats each, so equal prompts run side by side and different ones
-interleave on every stage) or is refused as busy with a 503 error frame; at least 16 are served. A
-second round, where the refused try again, serves all 50 correctly. Afterwards every node reports no session (neither requests in flight nor stage sessions with KV
-caches), and each daemon's resident memory is within 50 MB of what it was after a warm-up round.
+Every stream of a batch must give exactly its solo greedy answer (CPU, float32): sixteen chats with ten
+different prompts and sixteen different lengths, half of them joining while the first half is
+decoding, through one node; then 64 chats at once through the middle node of a 2/2/1 swarm, where 16
+generate and the rest wait their turn in the queue (--max-batch 16, --max-queue 64): all are served,
+none refused. The stages report the largest batch they ran, which must exceed one (they batched).
+Afterwards every node reports no session, and each daemon's resident memory is within 50 MB of what it
+was after a warm-up round.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from swarm.model.decoder import load_stage
 from swarm.model.generate import generate_ids
 from swarm.model.sampling import SamplingParams
 from swarm.model.source import resolve_model
+from tests.checkpoints import require_demo
 from tests.swarm_harness import Daemon, free_port, wait_for, wait_ready
 
-CHATS = 50
-MAX_SESSIONS = 16     # the daemon's default
-MAX_TOKENS = 24
+MAX_BATCH = 16        # the daemon's default --max-batch
 # the demo tokenizer's ids of ten story openings ("Once upon a time, there was a little dog", "The sun was hot
 # and", ...): random ids would mostly lead the tiny model into the same few stories
 PROMPTS = [[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 400, 428], [1, 291, 262, 379, 286, 270, 309, 269],
@@ -35,42 +36,47 @@ PROMPTS = [[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 400, 428], [1, 291, 
 RSS_SLACK = 50 << 20
 
 
+def requests(n: int) -> list[tuple[list[int], int]]:
+    """(prompt, max_tokens) of n chats: the ten prompts in turn, lengths from 8 to 40 tokens."""
+    return [(PROMPTS[i % len(PROMPTS)], 8 + (i * 13) % 33) for i in range(n)]
+
+
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def solo_answers(env: dict, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """Each prompt's greedy answer from one node's engine (what `cake-swarm generate --output ids` prints)."""
+def solo_answers(env: dict, chats: list[tuple[list[int], int]]) -> list[list[int]]:
+    """Each chat's greedy answer from one node's engine alone (what `cake-swarm generate --output ids` prints)."""
+    require_demo()
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = env["XDG_CACHE_HOME"]
     try:
         stage = load_stage(resolve_model("demo"))
     finally:
         os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.update(XDG_CACHE_HOME=old)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return [list(generate_ids(stage, p, params, eos_ids={2}, max_context=256)) for p in PROMPTS]
+    eos = set(stage.cfg.eos_token_id)
+    return [list(generate_ids(stage, p, SamplingParams(max_tokens=n), eos_ids=eos, max_context=256)) for p, n in chats]
 
 
-async def _chat(http: aiohttp.ClientSession, url: str, prompt: list[int], retry_busy: bool) -> dict:
+async def _chat(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int, delay: float = 0.0) -> dict:
+    await asyncio.sleep(delay)
     async with http.ws_connect(url + "/ws/chat") as ws:
+        await ws.send_json({"prompt_ids": prompt, "max_tokens": max_tokens})
         while True:
-            await ws.send_json({"prompt_ids": prompt, "max_tokens": MAX_TOKENS})
-            while True:
-                msg = await ws.receive(timeout=120)
-                assert msg.type == aiohttp.WSMsgType.TEXT, msg.type
-                frame = json.loads(msg.data)
-                if frame["type"] != "token":
-                    break
-            if not (retry_busy and frame.get("status") == 503):
+            msg = await ws.receive(timeout=300)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg.type
+            frame = json.loads(msg.data)
+            if frame["type"] != "token":
                 return frame
-            await asyncio.sleep(0.1)  # the socket stays open: the next message is the next try
 
 
-def chats_at_once(url: str, n: int, retry_busy: bool = False) -> list[dict]:
+def chats_at_once(url: str, chats: list[tuple[list[int], int]], late: int = 0, delay: float = 0.0) -> list[dict]:
+    """The chats all at once, except the last `late` ones, which start `delay` seconds later."""
     async def run():
         async with aiohttp.ClientSession() as http:
-            return await asyncio.gather(*(_chat(http, url, PROMPTS[i % len(PROMPTS)], retry_busy) for i in range(n)))
+            return await asyncio.gather(*(_chat(http, url, p, n, delay if i >= len(chats) - late else 0.0)
+                                          for i, (p, n) in enumerate(chats)))
     return asyncio.run(run())
 
 
@@ -78,47 +84,66 @@ def idle(daemons) -> bool:
     """No node has a request in flight or a stage session (peers' counts come with their heartbeats)."""
     for d in daemons:
         s = d.state()
-        if s["sessions"] or any(n["sessions"] for n in s["nodes"]):
+        if s["sessions"] or s["waiting"] or any(n["sessions"] for n in s["nodes"]):
             return False
     return True
 
 
-def test_fifty_chats_through_one_node(tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    key = uuid.uuid4().hex
-    daemons = []
+def start(tmp_path, env: dict, nodes: list[tuple[str, str]], budget: str) -> list[Daemon]:
+    key, seed_port, daemons = uuid.uuid4().hex, free_port(), []
     try:
-        seed_port = free_port()
-        for name, speed in (("a", "3"), ("b", "2"), ("c", "1")):
-            args = ["--memory-budget", "300000", "--max-context", "256", "--speed", speed, "--cluster-key", key,
-                    "--cache-dir", str(tmp_path / name), "--no-mdns"]
-            args += ["--model", "demo"] if name == "a" else ["--peer", f"127.0.0.1:{seed_port}"]
-            daemons.append(Daemon(name, "127.0.0.1", seed_port if name == "a" else free_port(), args, tmp_path, env))
+        for name, speed in nodes:
+            args = ["--memory-budget", budget, "--max-context", "256", "--speed", speed, "--cluster-key", key,
+                    "--cache-dir", str(tmp_path / name), "--config-dir", str(tmp_path / f"config-{name}"), "--no-mdns"]
+            args += ["--model", "demo"] if not daemons else ["--peer", f"127.0.0.1:{seed_port}"]
+            daemons.append(Daemon(name, "127.0.0.1", seed_port if not daemons else free_port(), args, tmp_path, env))
+        return daemons
+    except BaseException:
+        for d in daemons:
+            d.stop()
+        raise
+
+
+def test_sixteen_streams_joining_and_ending_mid_batch_on_one_node(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    daemons = start(tmp_path, env, [("a", "1")], "4MB")
+    try:
+        wait_ready(daemons, nodes=1)
+        chats = requests(16)
+        expected = solo_answers(env, chats)
+        assert len({tuple(e) for e in expected}) == 16  # sixteen different answers
+        results = chats_at_once(daemons[0].url, chats, late=8, delay=0.05)
+        for i, frame in enumerate(results):
+            assert frame["type"] == "done" and frame["token_ids"] == expected[i], (i, frame)
+        peak = daemons[0].state()["nodes"][0]["batch_peak"]
+        print(f"\none node: 16 streams exact, largest batch {peak}")
+        assert peak > 1
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def test_sixty_four_streams_through_a_three_node_swarm(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    daemons = start(tmp_path, env, [("a", "3"), ("b", "2"), ("c", "1")], "300000")
+    try:
         states = wait_ready(daemons, nodes=3)
         assert [(s["name"], s["start"], s["end"]) for s in states[0]["plan"]] == [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)]
         entry = daemons[1]   # the middle stage takes the requests too
-        expected = solo_answers(env)
-        assert len({tuple(e) for e in expected}) == len(PROMPTS)  # ten different answers
+        chats = requests(64)
+        expected = solo_answers(env, chats)
 
-        warm = chats_at_once(entry.url, MAX_SESSIONS)  # every code path and buffer used once
+        warm = chats_at_once(entry.url, chats[:MAX_BATCH])  # every code path and buffer used once
         assert all(f["type"] == "done" for f in warm), [f for f in warm if f["type"] != "done"][:3]
         wait_for(lambda: idle(daemons), 10, "no sessions after the warm-up", daemons)
         before = [rss(d.proc.pid) for d in daemons]
 
-        results = chats_at_once(entry.url, CHATS)
-        served = busy = 0
-        for i, frame in enumerate(results):
-            if frame["type"] == "done":
-                assert frame["token_ids"] == expected[i % len(PROMPTS)], (i, frame)
-                served += 1
-            else:
-                assert frame["type"] == "error" and frame["status"] == 503 and "busy" in frame["message"], frame
-                busy += 1
-        print(f"\nload: {served} of {CHATS} served, {busy} refused as busy")
-        assert served >= MAX_SESSIONS and served + busy == CHATS
-        # again, with the refused ones trying again until served: 50 sessions through the pipeline
-        results = chats_at_once(entry.url, CHATS, retry_busy=True)
-        assert [f.get("token_ids") for f in results] == [expected[i % len(PROMPTS)] for i in range(CHATS)]
+        results = chats_at_once(entry.url, chats)
+        wrong = [(i, f) for i, f in enumerate(results) if f["type"] != "done" or f["token_ids"] != expected[i]]
+        assert not wrong, wrong[:3]
+        peaks = [d.state()["nodes"][0]["batch_peak"] for d in daemons]
+        print(f"\nthree nodes: 64 streams exact, none refused; largest batch per stage {peaks}")
+        assert min(peaks) > 1
 
         wait_for(lambda: idle(daemons), 10, "every node to report no sessions", daemons)
         after = [rss(d.proc.pid) for d in daemons]

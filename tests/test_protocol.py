@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from swarm import protocol as P
 from swarm.protocol import ProtocolError, decode_frame, encode_frame
 
-SMALL = {"session": "s1", "epoch": 3, "pos": 7}
+SMALL = {"epoch": 3, "stage": 1, "rows": [{"session": "s1", "pos": 7, "n": 1}]}
+OPEN = {"sampling": {"temperature": 0.0}, "budget": 5, "eos": [2]}
 VALID = [
     {"t": "hello", "node_id": "a", "cluster": "open", "version": "0.1", "challenge": bytes(32), "name": "mac"},
     {"t": "auth", "node_id": "a", "response": b"\x01" * 32, "challenge": b"\x02" * 32, "info": {"port": 1}},
@@ -22,9 +23,15 @@ VALID = [
     {"t": "peers", "peers": []},
     {"t": "plan", "epoch": 2, "plan": {"stages": [{"node": "a", "layers": [0, 12]}]}},
     {"t": "plan_ack", "epoch": 2, "node_id": "a", "ok": False, "error": "out of memory"},
-    {"t": "forward", **SMALL, "tokens": [1, 2, 3], "sampling": {"temperature": 0.0}, "origin": "a", "more": True},
+    {"t": "forward", "epoch": 3, "stage": 0, "tokens": [1, 2, 3],
+     "rows": [{"session": "s1", "pos": 0, "n": 2, "origin": "a", "more": True, "open": OPEN},
+              {"session": "s2", "pos": 9, "n": 1, "origin": "b"}]},
     {"t": "forward", **SMALL, "hidden": {"dtype": "float16", "shape": [1, 2], "data": b"\0" * 4}},
-    {"t": "token", **SMALL, "token": 42, "done": True},
+    {"t": "tokens", "epoch": 3, "rows": [{"session": "s1", "pos": 8, "token": 42, "done": True, "step": 1},
+                                         {"session": "s2", "pos": 3, "token": 7, "logprob": -0.25,
+                                          "top": [[7, -0.25], [9, -1.5]]}]},
+    {"t": "leave", "node_id": "a"},
+    {"t": "handover", "node_id": "a", "ok": False, "error": "the model does not fit"},
     {"t": "end", "session": "s1", "reason": "stop"},
     {"t": "error", "message": "stage failed", "session": "s1"},
 ]
@@ -44,9 +51,15 @@ def test_every_type_has_a_valid_example():
     (cbor2.dumps([1, 2]), "must be a map"),
     (cbor2.dumps({"x": 1}), "unknown or missing frame type"),
     (cbor2.dumps({"t": "launch"}), "unknown or missing frame type"),
-    (cbor2.dumps({"t": "token", "session": "s", "epoch": 1, "pos": 1}), "missing field 'token'"),
-    (cbor2.dumps({"t": "token", "session": "s", "epoch": 1, "pos": -1, "token": 1}), "field 'pos'"),
-    (cbor2.dumps({"t": "token", "session": "s", "epoch": True, "pos": 1, "token": 1}), "field 'epoch'"),
+    (cbor2.dumps({"t": "tokens", "epoch": 1, "rows": [{"session": "s", "pos": 1}]}), "row 0: missing field 'token'"),
+    (cbor2.dumps({"t": "tokens", "epoch": 1, "rows": [{"session": "s", "pos": -1, "token": 1}]}), "field 'pos'"),
+    (cbor2.dumps({"t": "tokens", "epoch": True, "rows": [{"session": "s", "pos": 1, "token": 1}]}), "field 'epoch'"),
+    (cbor2.dumps({"t": "tokens", "epoch": 1, "rows": []}), "between 1 and"),
+    (cbor2.dumps({"t": "tokens", "epoch": 1, "rows": ["s"]}), "row 0 must be a map"),
+    (cbor2.dumps({"t": "tokens", "epoch": 1, "rows": [{"session": "s", "pos": 1, "token": 1, "top": [[1]]}]}),
+     "field 'top'"),
+    (cbor2.dumps({"t": "forward", "epoch": 1, "stage": 0, "rows": [{"session": "s", "pos": 0}], "tokens": [1]}),
+     "missing field 'n'"),
     (cbor2.dumps({"t": "forward", **SMALL}), "exactly one of"),
     # a huge int where bytes belong must not reach bytes(...) in a handshake
     (cbor2.dumps({"t": "welcome", "node_id": "b", "response": 2**62}), "field 'response' must be bytes"),

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from swarm.model.sampling import Sampler, SamplingParams, StopChecker, apply_repetition_penalty
 
 
-def draw(params: SamplingParams, logits, n: int, history=None) -> list[int]:
-    sampler = Sampler(params)
+def draw(params: SamplingParams, logits, n: int, history=()) -> list[int]:
+    sampler = Sampler(params, context=history)
     logits = mx.array(np.asarray(logits, dtype=np.float32))
-    return [sampler(logits, history) for _ in range(n)]
+    return [sampler(logits) for _ in range(n)]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -271,3 +271,82 @@ def test_stream_output_is_the_text_up_to_the_first_completed_stop(text, stops, c
     first = min(text.find(s) for s in stops if s in text and text.find(s) + len(s) <= boundary)
     assert "".join(out) == text[:first] and reason == "stop"
     assert len(out) == bounds.index(boundary)  # it stopped on the piece that completed the stop
+
+
+# --- penalties, logit_bias, log-probabilities, seeds across moves, ranges -------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from swarm.model.sampling import SamplingError, apply_logit_bias, apply_penalties, log_probabilities  # noqa: E402
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=50).astype(np.float32)
+    generated = [3, 3, 3, 7, 9, 9]
+    got = np.array(apply_penalties(mx.array(logits), Counter(generated), presence=0.5, frequency=0.25))
+    want = logits.copy()
+    for token, count in Counter(generated).items():  # mu[j] - count[j] * frequency - (count[j] > 0) * presence
+        want[token] -= count * 0.25 + 0.5
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert draw(SamplingParams(presence_penalty=2.0), [2.0, 1.9, 0.5], 2, history=[0]) == [0, 1]  # 0, then penalised
+
+
+def test_logit_bias_adds_and_can_ban_or_force():
+    logits = mx.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(np.array(apply_logit_bias(logits, {0: 5.0, 2: -1.5})), [6.0, 2.0, 1.5])
+    assert draw(SamplingParams(logit_bias={2: -100.0}), [1.0, 2.0, 3.0], 1) == [1]
+    assert set(draw(SamplingParams(temperature=1.0, seed=3, logit_bias={0: 100.0}), [1.0, 2.0, 3.0], 20)) == {0}
+
+
+def test_log_probabilities_are_the_float32_log_softmax_of_the_raw_logits():
+    logits = np.random.default_rng(5).normal(0, 4, size=300).astype(np.float32)
+    want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    sampler = Sampler(SamplingParams(logprobs=5, logit_bias={1: 50.0}), context=())
+    choice = sampler.next(mx.array(logits))
+    assert choice.token == 1  # chosen under the bias ...
+    assert abs(choice.logprob - want[1]) < 1e-4  # ... but its logprob is the model's own
+    top = np.argsort(-want)[:5]
+    assert [t for t, _ in choice.top] == top.tolist()
+    np.testing.assert_allclose([lp for _, lp in choice.top], want[top], atol=1e-4)
+    assert sum(np.exp(lp) for _, lp in choice.top) <= 1.0
+    token, lp_top = log_probabilities(mx.array(logits), 7, 0)
+    assert abs(token - want[7]) < 1e-4 and lp_top == []
+
+
+def test_a_moved_session_draws_what_it_would_have_drawn():
+    """The draw at step n depends on (seed, n) alone: a sampler rebuilt at step 10 (a session moved to
+    other nodes) goes on with the very tokens of the undisturbed one, penalties included."""
+    rng = np.random.default_rng(6)
+    logits = [mx.array(rng.normal(size=64).astype(np.float32)) for _ in range(20)]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, presence_penalty=0.3, repetition_penalty=1.2)
+    prompt = [1, 2, 3]
+    undisturbed = Sampler(params, context=prompt)
+    tokens = [undisturbed(x) for x in logits]
+    moved = Sampler(params, context=prompt + tokens[:10], step=10)
+    assert [moved(x) for x in logits[10:]] == tokens[10:]
+    assert len(set(tokens)) > 5
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.1), ("top_p", 1.5),
+    ("top_p", -0.01), ("min_p", 2.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("seed", 2**70),
+    ("seed", -1), ("max_tokens", 0), ("top_k", -1), ("logprobs", 21), ("repetition_penalty", 0.0),
+    ("logit_bias", {600: 1.0}), ("logit_bias", {1: 101.0}), ("logit_bias", {1: float("nan")})])
+def test_out_of_range_parameters_are_named(field, value):
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**{field: value}).check(vocab_size=512)
+    assert e.value.param == ("top_logprobs" if field == "logprobs" else field)
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.0, seed=2).check(3), [0.0, 3.0, 2.9], 30)) == {1}
+
+
+def test_sampling_params_travel_between_nodes_unchanged():
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.01, repetition_penalty=1.1,
+                            repetition_context=32, presence_penalty=0.2, frequency_penalty=-0.1,
+                            logit_bias={3: -2.0, 9: 1.5}, seed=99, logprobs=4,
+                            grammar={"type": "regex", "pattern": "[a-z]+"})
+    back = SamplingParams.from_wire(params.to_wire())
+    assert back == SamplingParams(**{**params.__dict__, "max_tokens": back.max_tokens, "stop": back.stop})

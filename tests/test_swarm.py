@@ -5,17 +5,15 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.swarm_harness import REPO, Daemon, chat_ws, free_port, wait_ready
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
 # Budgets that hold two layers (+ KV for --max-context 256, + embedding or head) but not three: a 2/2/2 split.
+# A model is "demo" or the name of a session fixture (tests/conftest.py) whose checkpoint mlx-lm wrote.
 MODELS = {
-    "tiny-qwen2": (str(FIXTURES / "tiny-qwen2-4bit"), "1700000"),
+    "tiny_qwen2": ("tiny_qwen2", "1700000"),
     "demo": ("demo", "300000"),
 }
 
@@ -27,10 +25,12 @@ def single_node_ids(model: str, prompt: list[int], max_tokens: int, env: dict) -
     return [int(t) for t in out.stdout.strip().split(",")]
 
 
-@pytest.mark.parametrize("model_name,discovery", [("tiny-qwen2", "mdns"), ("demo", "mdns"), ("demo", "peer")])
-def test_three_way_split_equals_one_node(tmp_path, model_name, discovery):
+@pytest.mark.parametrize("model_name,discovery", [("tiny_qwen2", "mdns"), ("demo", "mdns"), ("demo", "peer")])
+def test_three_way_split_equals_one_node(request, tmp_path, model_name, discovery):
     """The model only on a; budgets force a 2/2/2 split; b and c find a through mDNS (or --peer)."""
     model, budget = MODELS[model_name]
+    if model != "demo":
+        model = str(request.getfixturevalue(model).folder)
     seed_port = free_port()
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
     key = uuid.uuid4().hex  # a cluster of this test's own: daemons of other tests on loopback are ignored

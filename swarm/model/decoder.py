@@ -1,7 +1,9 @@
 """The decoder: one implementation of the llama family with switches for qwen2, qwen3 and mistral.
 
 A `Stage` is (embedding?) + layers [start, end) + (final norm + head?). The whole model on one node is
-the one-stage case; a pipeline chains stages, passing hidden states of shape (batch, seq, hidden).
+the one-stage case; a pipeline chains stages, passing hidden states. A forward runs a batch: the rows of
+several sessions packed into one sequence (1, T, hidden); the linears see all T rows at once, attention
+runs per session over that session's own KV cache.
 Module attribute names mirror the checkpoint's tensor names, so a layer is built straight from them.
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from kernels import cuda_q4
@@ -122,22 +126,68 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=self.traditional, base=self.rope_base,
                             scale=self.rope_scale, offset=offset, freqs=self._freqs)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
-        B, L, _ = x.shape
+    def __call__(self, x: mx.array, caches: list[KVCache], rows: list[int]) -> mx.array:
+        """x: (1, T, hidden), the rows of len(caches) sessions one after another (rows[i] of session i)."""
+        T = x.shape[1]
         fused = cuda_q4.fused_qkv(x, self.q_proj, self.k_proj, self.v_proj) if self.fused else None
         q, k, v = fused if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.reshape(B, L, self.n_heads, self.head_dim)      # (B, L, heads, head_dim)
-        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)   # (B, L, kv_heads, head_dim)
-        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
+        q = q.reshape(T, self.n_heads, self.head_dim)       # (T, heads, head_dim)
+        k = k.reshape(T, self.n_kv_heads, self.head_dim)    # (T, kv_heads, head_dim)
+        v = v.reshape(T, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q = mx.fast.rms_norm(q, self.q_norm, self.eps)
             k = mx.fast.rms_norm(k, self.k_norm, self.eps)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))            # (B, heads, L, head_dim)
+        out, start = [], 0
+        for group, n in _attention_groups(caches, rows):
+            if len(group) == 1:
+                out.append(self.attend(q[start:start + n], k[start:start + n], v[start:start + n], group[0]))
+            else:
+                out.append(self.attend_one_each(q[start:start + n], k[start:start + n], v[start:start + n], group))
+            start += n
+        out = out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
+        return self.o_proj(out.reshape(1, T, -1))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
+        """One session's L new rows: q (L, heads, head_dim), k, v (L, kv_heads, head_dim) -> (L, heads * head_dim)."""
+        L = q.shape[0]
+        q, k, v = (t[None].transpose(0, 2, 1, 3) for t in (q, k, v))       # (1, heads, L, head_dim)
         q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
-        k, v = cache.update_and_fetch(k, v)                                # (B, kv_heads, offset + L, head_dim)
+        k, v = cache.update_and_fetch(k, v)                                # (1, kv_heads, offset + L, head_dim)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
                                                    mask="causal" if L > 1 else None)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out[0].transpose(1, 0, 2).reshape(L, -1)
+
+    def attend_one_each(self, q: mx.array, k: mx.array, v: mx.array, caches: list[KVCache]) -> mx.array:
+        """B sessions' next row each (decode): one attention over their caches gathered side by side, each
+        masked to its own length. q (B, heads, head_dim), k, v (B, kv_heads, head_dim) -> (B, heads * head_dim)."""
+        B = q.shape[0]
+        offsets = mx.array([c.offset for c in caches])
+        q, k, v = q[:, :, None, :], k[:, :, None, :], v[:, :, None, :]        # (B, heads, 1, head_dim)
+        q, k = self.rope(q, offsets), self.rope(k, offsets)
+        for i, cache in enumerate(caches):
+            cache.append(k[i:i + 1], v[i:i + 1])
+        length = max(c.offset for c in caches)
+        for cache in caches:
+            cache.reserve(length - cache.offset)
+        keys = mx.concatenate([c.keys[..., :length, :] for c in caches], axis=0)  # (B, kv_heads, length, head_dim)
+        values = mx.concatenate([c.values[..., :length, :] for c in caches], axis=0)
+        mask = mx.arange(length)[None] < (offsets + 1)[:, None]                   # (B, length)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim ** -0.5,
+                                                   mask=mask[:, None, None, :])
+        return out.reshape(B, -1)
+
+
+def _attention_groups(caches: list[KVCache], rows: list[int]) -> list[tuple[list[KVCache], int]]:
+    """(sessions, rows) of each attention: a run of sessions with one row each (decode) attends together,
+    a session with more rows (a prompt chunk) alone."""
+    groups: list[tuple[list[KVCache], int]] = []
+    for cache, n in zip(caches, rows):
+        if n == 1 and groups and groups[-1][1] == len(groups[-1][0]):
+            groups[-1][0].append(cache)
+            groups[-1] = (groups[-1][0], n + groups[-1][1])
+        else:
+            groups.append(([cache], n))
+    return groups
 
 
 class MLP(nn.Module):
@@ -161,16 +211,36 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm, self.eps = input_layernorm, post_attention_layernorm, eps
         self.decode_step = _decode_step(self)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
-        if (self.decode_step is not None and x.shape[1] == 1 and cache.keys is not None
-                and cache.offset < cuda_q4.MAX_POSITIONS):
-            cache.reserve(1)
-            out = self.decode_step(x, cache.keys, cache.values, cuda_q4.position(cache.offset), cache.last_write)
+    def __call__(self, x: mx.array, caches: list[KVCache], rows: list[int]) -> mx.array:
+        if self.decode_step is not None and x.shape[1] == len(caches):
+            out = self._fused_decode(x, caches)
             if out is not None:
-                cache.written_in_place(out)
                 return out
-        h = x + self.self_attn(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
+        h = x + self.self_attn(mx.fast.rms_norm(x, self.input_layernorm, self.eps), caches, rows)
         return h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
+
+
+    def _fused_decode(self, x: mx.array, caches: list[KVCache]) -> mx.array | None:
+        """One new row for each of these sessions through the fused step (CUDA), or None where it cannot."""
+        if any(c.keys is None or c.offset >= cuda_q4.position_limit() for c in caches):
+            return None  # a prompt's first rows, or past what the kernels take: op by op
+        for cache in caches:
+            cache.reserve(1)
+        if len(caches) == 1:
+            cache = caches[0]
+            out = self.decode_step(x, cache.keys, cache.values, cuda_q4.position(cache.offset), cache.last_write)
+        else:
+            writes = {id(c.last_write): c.last_write for c in caches if c.last_write is not None}
+            if len(writes) > 1:  # sessions last written by different steps: order after all of them
+                mx.eval(*writes.values())
+                writes = {}
+            after = next(iter(writes.values()), None)
+            out = self.decode_step.batch(x, [(c.keys, c.values) for c in caches],
+                                         cuda_q4.positions([c.offset for c in caches]), after)
+        if out is not None:
+            for cache in caches:
+                cache.written_in_place(out)
+        return out
 
 
 def _decode_step(block: Block) -> cuda_q4.DecodeStep | None:
@@ -211,24 +281,40 @@ class Stage(nn.Module):
             self.embed_tokens = embed_tokens
         if norm is not None:
             self.norm, self.lm_head = norm, lm_head
+        self.cpu = None  # kernels.cpu_block.StageRunner: the same forward on the CPU kernels, where they run
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list:
+        return self.cpu.make_cache() if self.cpu is not None else [KVCache() for _ in self.layers]
 
     def __call__(self, x: mx.array, cache: list[KVCache], all_logits: bool = False) -> mx.array:
-        """x: token ids (B, L) on the first stage, else hidden states (B, L, hidden).
+        """One session: x token ids (1, L) on the first stage, else hidden states (1, L, hidden).
 
-        Returns logits (B, L or 1, vocab) on the last stage (the last position only unless all_logits),
-        else hidden states (B, L, hidden) for the next stage.
+        Returns logits (1, L or 1, vocab) on the last stage (the last position only unless all_logits),
+        else hidden states (1, L, hidden) for the next stage.
         """
-        h = self.embed_tokens.rows(x) if self.spec.first else x.astype(self.dtype)
-        for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, layer_cache)
+        L = x.shape[1]
+        out = self.forward(x[0], [cache], [L], all_logits)
+        return out[None] if self.spec.last else out
+
+    def forward(self, x: mx.array, caches: list[list[KVCache]], rows: list[int], all_logits: bool = False) -> mx.array:
+        """A batch: the rows of several sessions packed one after another, session i's rows[i] rows at its
+        cache's position. x: token ids (T,) on the first stage, else hidden states (T, hidden).
+
+        Returns logits (sessions, vocab) for each session's last row on the last stage ((T, vocab) with
+        all_logits), else hidden states (1, T, hidden) for the next stage.
+        """
+        if self.cpu is not None:
+            out = mx.array(self.cpu.forward(np.asarray(x), caches, rows, all_logits))
+            return out if self.spec.last else out[None]
+        h = self.embed_tokens.rows(x[None]) if self.spec.first else x.reshape(1, -1, self.cfg.hidden_size).astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, [c[i] for c in caches], rows)
         if not self.spec.last:
             return h
         if not all_logits:
-            h = h[:, -1:, :]
-        return self.lm_head(mx.fast.rms_norm(h, self.norm, self.cfg.rms_norm_eps))
+            ends = list(accumulate(rows))
+            h = h[:, -1:] if len(rows) == 1 else h[:, mx.array([e - 1 for e in ends])]
+        return self.lm_head(mx.fast.rms_norm(h, self.norm, self.cfg.rms_norm_eps))[0]
 
 
 class _Reader:
@@ -334,4 +420,16 @@ def load_stage(model_dir: str | Path, start: int | None = None, end: int | None 
         # token's row faults in on its own (about 280 us a token on the H100 for a 7B's embedding).
         mx.eval([mx.max(v) for v in params])
     stage.nbytes = sum(v.nbytes for v in params)  # memory the stage holds
+    if backend() == "cpu" and all(lin.cpu is not None for lin in _linears(stage)):
+        # every linear runs on the CPU kernels: so does the rest of the forward (the ops around the linears
+        # cost more than the linears themselves on MLX's CPU back-end)
+        from kernels.cpu_block import StageRunner
+        stage.cpu = StageRunner(stage)
     return stage
+
+
+def _linears(stage: Stage) -> list[Linear]:
+    out = [lin for block in stage.layers for lin in (block.self_attn.q_proj, block.self_attn.k_proj,
+                                                     block.self_attn.v_proj, block.self_attn.o_proj,
+                                                     block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
+    return out + ([stage.lm_head] if stage.spec.last else [])

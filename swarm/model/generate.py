@@ -65,12 +65,12 @@ def generate_ids(stage: Stage, prompt: list[int], params: SamplingParams, eos_id
     timings = timings if timings is not None else Timings()
     timings.prompt_tokens = len(prompt)
     budget = context_budget(stage, len(prompt), params.max_tokens, max_context)
-    sampler, cache, history = Sampler(params), stage.make_cache(), list(prompt)
-    greedy = params.temperature == 0 and params.repetition_penalty == 1.0
+    sampler, cache = Sampler(params, context=prompt), stage.make_cache()
+    greedy = params.plain_greedy
     t0 = time.perf_counter()
     logits = prefill(stage, prompt, cache)
     # Greedy decode keeps one step in flight: the next token's graph is queued before this one is read.
-    token = mx.argmax(logits) if greedy else mx.array(sampler(logits, history))
+    token = mx.argmax(logits) if greedy else mx.array(sampler(logits))
     mx.async_eval(token)
     for n in range(budget):
         following = None
@@ -78,7 +78,6 @@ def generate_ids(stage: Stage, prompt: list[int], params: SamplingParams, eos_id
             following = mx.argmax(stage(token.reshape(1, 1), cache)[0, -1])
             mx.async_eval(following)
         t = token.item()
-        history.append(t)
         now = time.perf_counter()
         if n == 0:
             timings.prefill_s, t1 = now - t0, now
@@ -87,7 +86,7 @@ def generate_ids(stage: Stage, prompt: list[int], params: SamplingParams, eos_id
         if t in eos_ids:
             return
         if not greedy and n + 1 < budget:
-            following = mx.array(sampler(stage(mx.array([[t]]), cache)[0, -1], history))
+            following = mx.array(sampler(stage(mx.array([[t]]), cache)[0, -1]))
         token = following
 
 
@@ -115,6 +114,10 @@ class TextStream:
         """(new text, finish reason or None) after one more token."""
         piece = "" if token in self.eos or self.detok is None else self.detok.add(token)
         return self.stops.feed(token, piece)
+
+    def finish(self, reason: str = "stop") -> str:
+        """End the stream here; the text held back (a possible start of a stop string)."""
+        return self.stops.finish(reason)
 
 
 def generate_text(stage: Stage, tokenizer: Tokenizer | None, prompt: list[int], params: SamplingParams,

@@ -98,6 +98,10 @@ function renderBanners(s) {
   }
   if (s.plan_error) banners.push(banner("bad", "No plan.", s.plan_error));
   if (s.topology_error) banners.push(banner("warn", "Topology file edit refused.", s.topology_error));
+  if (s.topology && s.topology.message) banners.push(banner("warn", "Pinned topology not in force.", s.topology.message));
+  const leaving = s.nodes.filter((n) => n.leaving).map((n) => n.name);
+  if (leaving.length) banners.push(banner("info", "Leaving.", `${leaving.join(", ")} hand${leaving.length > 1 ? "" : "s"} ` +
+    "their layers and sessions over, then go."));
   $("banners").replaceChildren(...banners);
 }
 
@@ -116,9 +120,10 @@ function renderStats(s) {
   const ttft = live.last_ttft_s ?? stats.last_ttft_s;
   $("stat-ttft").textContent = fmt.ms(ttft);
   $("stat-ttft-sub").textContent = ttft > 0 ? "last request" : "";
-  $("stat-sessions").textContent = `${s.sessions} / ${s.web.max_sessions}`;
-  const onStages = s.nodes.filter((n) => n.sessions).map((n) => `${n.name} ${n.sessions}`);
-  $("stat-sessions-sub").textContent = onStages.length ? "on stages: " + onStages.join(" · ") : "through this node";
+  $("stat-sessions").textContent = `${s.sessions} / ${s.web.max_batch}`;
+  const onStages = s.nodes.filter((n) => n.sessions).map((n) => `${n.name} ${n.sessions} (batch ${n.batch})`);
+  const waiting = s.waiting ? `${s.waiting} waiting (queue ${s.web.max_queue}) · ` : "";
+  $("stat-sessions-sub").textContent = waiting + (onStages.length ? "on stages: " + onStages.join(" · ") : "through this node");
   $("stat-served").textContent = String(stats.requests);
   $("stat-served-sub").textContent = `requests · ${stats.tokens} tokens`;
 }
@@ -163,13 +168,14 @@ function renderNodes(s, color) {
       h("td", { class: "first-cell" }, h("div", { class: "who" }, h("span", { class: "dot", style: { "--c": color[n.id] } }),
         n.name, ...tags.map((t) => h("span", { class: "tag" }, t)))),
       h("td", { "data-label": "Address", class: "addr" }, `${n.addr}:${n.port}`),
-      h("td", { "data-label": "Backend" }, n.backend),
+      h("td", { "data-label": "Backend", title: (n.kernels && n.kernels.why) || "" }, n.backend,
+        n.kernels && n.kernels.linear ? h("div", { class: "muted small" }, n.kernels.linear) : null),
       h("td", { "data-label": "Memory", class: "mem" }, h("div", {}, `${fmt.bytes(used)} / ${fmt.bytes(budget)}`,
         h("div", { class: "bar" }, h("span", { style: { width: pct + "%", background: color[n.id] } })))),
       h("td", { "data-label": "Layers" }, n.layers && n.layers.length ? fmt.layers(n.layers[0], n.layers[1]) : "–"),
       h("td", { "data-label": "State" }, h("span", { class: "pill state " + (STATE_PILL[n.state] || "pill-grey") }, n.state || "?")),
       h("td", { "data-label": "Speed" }, `${Number(n.speed).toFixed(2)} GB/s`),
-      h("td", { "data-label": "Sessions" }, String(n.sessions ?? 0)));
+      h("td", { "data-label": "Sessions" }, String(n.sessions ?? 0) + (n.batch > 1 ? ` · batch ${n.batch}` : "")));
   });
   $("nodes").replaceChildren(...rows);
   const refused = Object.entries(s.refused || {});
