@@ -29,7 +29,6 @@ def swarm(tmp_path_factory):
 
 async def test_the_api_key_guards_api_sockets_and_dashboard_but_not_peers(swarm):
     a, b = swarm
-    model = a.state()["nodes"][0]["model"]
     assert b.state()["nodes"][0]["downloads"]["3-5"]["done"] > 0  # b pulled its shard through a's shard routes
     async with aiohttp.ClientSession() as http:
         for path in ("/api/swarm", "/api/topology", "/v1/models"):
@@ -47,8 +46,8 @@ async def test_the_api_key_guards_api_sockets_and_dashboard_but_not_peers(swarm)
             assert r.status == 401
         async with http.get(a.url + "/", allow_redirects=False) as r:
             assert r.status == 302 and r.headers["Location"].startswith("/login?next=/")
-        async with http.get(f"{a.url}/shards/{model}/files/config.json") as r:  # the cluster key's business
-            assert r.status == 200
+        async with http.get(f"{a.url}/peer-port") as r:  # peers and shards: the cluster key's business, on that port
+            assert r.status == 200 and (await r.json())["peer_port"] > 0
         async with http.get(a.url + "/static/dashboard.js") as r:
             assert r.status == 200
 
@@ -136,15 +135,14 @@ async def test_state_socket_pushes_a_snapshot_then_each_change(swarm):
     async with aiohttp.ClientSession(headers=AUTH) as http, http.ws_connect(b.url + "/ws/state") as ws:
         first = await ws.receive_json(timeout=10)
         assert {n["name"] for n in first["nodes"]} == {"a", "b"} and first["ready"]
-        assert set(first["web"]) >= {"model", "topology", "live", "max_sessions"}
+        assert set(first["web"]) >= {"model", "topology", "live", "max_batch", "max_queue"}
         before = first["stats"]["requests"]
         async with http.post(b.url + "/v1/completions", json={"prompt": "The cat", "max_tokens": 16}) as r:
             assert r.status == 200
-        while True:  # no request from us: the server pushes when the node's state changes
-            state = await ws.receive_json(timeout=20)
-            if state["stats"]["requests"] == before + 1:
+        while True:  # no request from us: the server pushes when the node's state changes (the request's
+            state = await ws.receive_json(timeout=20)  # start, then its end with its timings)
+            if state["stats"]["requests"] == before + 1 and state["stats"]["last_timings"]["generated_tokens"] == 16:
                 break
-        assert state["stats"]["last_timings"]["generated_tokens"] == 16
 
 
 async def test_topology_read_refused_with_lines_and_applied_through_any_node(swarm):
@@ -180,6 +178,40 @@ async def test_topology_read_refused_with_lines_and_applied_through_any_node(swa
             assert yaml.safe_load(await r.text())["nodes"]["b"]["layers"] == ["model.layers.2-4"]
 
 
+async def test_health_is_open_and_metrics_count_what_was_served(swarm):
+    a, b = swarm
+    async with aiohttp.ClientSession() as http:
+        async with http.get(b.url + "/health") as r:  # no key: load balancers ask this
+            assert r.status == 200 and (await r.json())["ready"] is True
+        async with http.get(b.url + "/metrics") as r:
+            assert r.status == 401
+        async with http.get(b.url + "/v1/models", headers={"x-api-key": KEY}) as r:  # Anthropic's clients' header
+            assert r.status == 200
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async def scrape() -> dict[str, float]:
+            async with http.get(b.url + "/metrics") as r:
+                assert r.status == 200 and r.content_type == "text/plain"
+                return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                        for line in (await r.text()).splitlines() if line and not line.startswith("#")}
+        before = await scrape()
+        async with http.post(b.url + "/v1/completions", json={"prompt": "The cat", "max_tokens": 9}) as r:
+            assert r.status == 200
+        async with http.post(b.url + "/v1/completions", json={"prompt": "The cat", "max_tokens": 0}) as r:
+            assert r.status == 400
+        after = await scrape()
+    served = 'cake_swarm_api_requests_total{route="/v1/completions",status="200"}'
+    refused = 'cake_swarm_api_requests_total{route="/v1/completions",status="400"}'
+    assert after[served] == before.get(served, 0) + 1 and after[refused] == before.get(refused, 0) + 1
+    assert after["cake_swarm_generated_tokens_total"] == before["cake_swarm_generated_tokens_total"] + 9
+    assert after["cake_swarm_time_to_first_token_seconds_count"] == before["cake_swarm_time_to_first_token_seconds_count"] + 1
+    assert after["cake_swarm_time_per_output_token_seconds_count"] == before["cake_swarm_time_per_output_token_seconds_count"] + 8
+    assert after["cake_swarm_swarm_ready"] == 1 and after["cake_swarm_requests_waiting"] == 0
+    layers = {k.split('name="')[1].split('"')[0]: v for k, v in after.items() if k.startswith("cake_swarm_node_layers")}
+    (own,) = [s["end"] - s["start"] for s in b.state()["plan"] if s["name"] == "b"]
+    assert set(layers) == {"a", "b"} and layers["b"] == own  # (a's figure is as old as its last heartbeat)
+    assert sum(v for k, v in after.items() if k.startswith("cake_swarm_node_state") and 'state="loaded"' in k) == 2
+
+
 async def test_a_stopping_node_closes_its_dashboards_and_chats_and_exits_cleanly(swarm):
     a, b = swarm
     async with aiohttp.ClientSession(headers=AUTH) as http:
@@ -196,3 +228,4 @@ async def test_a_stopping_node_closes_its_dashboards_and_chats_and_exits_cleanly
         code, *closes = await asyncio.gather(asyncio.to_thread(b.stop), until_closed(state), until_closed(chat))
         assert code == 0, b.log()[-2000:]
         assert closes == [aiohttp.WSCloseCode.GOING_AWAY] * 2
+

@@ -1,5 +1,7 @@
-"""The node's aiohttp application: the swarm's own routes (peer socket, shards), the dashboard with its
-live state socket, the chat socket, /api/swarm, /api/topology and the OpenAI endpoints (openai_api.py).
+"""The node's aiohttp application: the dashboard with its live state socket, the chat socket, /api/swarm,
+/api/topology, /health, /metrics (metrics.py) and the APIs: OpenAI's (openai_api.py), Anthropic's Messages
+(anthropic_api.py) and OpenAI's Responses (responses_api.py), all over one validation layer (validation.py)
+and one generation path (generation.py).
 
 The dashboard renders the same snapshot the node decides from (node.snapshot()), plus what only this
 web layer knows: the live token rate, the model's id, the plan as topology YAML. It is pushed over
@@ -19,11 +21,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from swarm.pipeline import SwarmError
 from topology import TopologyError, parse as parse_topology, render as render_topology
-from web import auth, openai_api
-from web.common import METER, NODE, encode_prompt, error_response, model_id, sampling_params
-from web.generation import Generation, Meter
+from web import anthropic_api, auth, metrics, openai_api, responses_api
+from web.common import (MAX_BODY_BYTES, METER, METRICS, NODE, SWARM_CODES, error_body, error_response, generation,
+                        model_id, prepare)
+from web.generation import Deltas, Meter
+from web.validation import RequestError, typed
 
-__all__ = ["make_app", "sampling_params", "encode_prompt", "dashboard_state"]
+__all__ = ["make_app", "dashboard_state"]
 
 HERE = Path(__file__).parent
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
@@ -52,7 +56,7 @@ def topology_yaml(node, snapshot: dict) -> str:
 def dashboard_state(node, meter: Meter) -> dict:
     snapshot = node.snapshot()
     snapshot["web"] = {"model": model_id(node), "topology": topology_yaml(node, snapshot), "live": meter.as_dict(),
-                       "max_sessions": node.config.max_sessions, "login": bool(node.config.api_key)}
+                       "max_batch": node.config.max_batch, "max_queue": node.config.max_queue, "login": bool(node.config.api_key)}
     return snapshot
 
 
@@ -83,15 +87,50 @@ async def logout(request: web.Request) -> web.Response:
     raise response
 
 
-# --- /api ----------------------------------------------------------------------------------------------
+# --- /api, /health, /metrics ---------------------------------------------------------------------------
 
 async def api_swarm(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE].snapshot())
 
 
-async def get_topology(request: web.Request) -> web.Response:
+async def health(request: web.Request) -> web.Response:
+    """200 while the swarm can serve (a plan ready, the model's source present), 503 otherwise."""
     node = request.app[NODE]
-    text = topology_yaml(node, node.snapshot())
+    ready = node.ready and node.source_present
+    body = {"status": "ok" if ready else "unavailable", "ready": ready, "node": node.name, "model": model_id(node),
+            "epoch": node.epoch, "plan_error": node.plan_error}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    return await metrics.serve(request, request.app[METRICS])
+
+
+async def leave(request: web.Request) -> web.Response:
+    """`cake-swarm down`: this node hands its part over to the others, then exits."""
+    node = request.app[NODE]
+    node.exit_requested.set()
+    return web.json_response({"node": node.name, "leaving": True}, status=202)
+
+
+async def get_topology(request: web.Request) -> web.Response:
+    """The plan in force as topology YAML. ?format=cake: in cake's layout, which lists the workers only
+    (cake's master, here the node holding the model, runs the layers no one names), with the layer
+    prefix of the topology applied last; PUT back, it makes the same plan."""
+    node, layout = request.app[NODE], request.query.get("format", "yaml")
+    if layout not in ("yaml", "cake"):
+        return error_response(400, f"unknown format {layout!r}: yaml (ours) or cake")
+    snapshot = node.snapshot()
+    if layout == "yaml" or node.plan is None:
+        text = topology_yaml(node, snapshot)
+    else:
+        try:
+            prefix = parse_topology(node.topology_text).layer_prefix if node.topology_text else None
+        except TopologyError:
+            prefix = None
+        text = render_topology(node.plan, names={s["node_id"]: s["name"] for s in snapshot["plan"]},
+                               hosts={n["id"]: f"{n['addr']}:{n['port']}" for n in snapshot["nodes"]},
+                               cake=True, master=node.plan_meta.get("coordinator"), prefix=prefix)
     if not text:
         return error_response(404, f"no plan yet{': ' + node.plan_error if node.plan_error else ''}")
     return web.Response(text=text, content_type="application/yaml")
@@ -193,13 +232,12 @@ async def _until_closed(ws: web.WebSocketResponse) -> None:
 async def ws_chat(request: web.Request) -> web.WebSocketResponse:
     """One answer per message {"messages"|"prompt"|"prompt_ids", "max_tokens", ...}: token frames, then
     done or error. Messages sent while an answer streams wait their turn; a close cancels the answer."""
-    node, meter = request.app[NODE], request.app[METER]
     ws = await _open_socket(request, max_msg_size=1 << 20)
     incoming = asyncio.ensure_future(ws.receive())
     try:
         while (msg := await incoming).type == WSMsgType.TEXT:
             incoming = asyncio.ensure_future(ws.receive())  # watches for the close while we answer
-            await _answer(ws, node, meter, msg, incoming)
+            await _answer(ws, request, msg, incoming)
     except ConnectionResetError:
         pass
     finally:
@@ -207,27 +245,59 @@ async def ws_chat(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _answer(ws, node, meter: Meter, msg, incoming: asyncio.Future) -> None:
+WS_CHAT_FIELDS = (openai_api.CHAT_FIELDS - {"stream", "stream_options", "logprobs", "top_logprobs", "return_token_ids"}
+                  | {"prompt", "prompt_ids"})
+
+
+def chat_socket_request(msg) -> tuple:
+    """A chat socket message -> (Prompt, SamplingParams, the API's names); RequestError when it is wrong."""
     try:
         body = msg.json()
-        params = sampling_params(body)
-        await node.wait_ready()
-        prompt = encode_prompt(node, body)
-    except SwarmError as e:
-        return await ws.send_json({"type": "error", "message": str(e), "status": e.status})
-    except (ValueError, KeyError, TypeError) as e:
-        return await ws.send_json({"type": "error", "message": f"bad request: {e}", "status": 400})
+    except ValueError as e:
+        raise RequestError(f"the message is not JSON: {e}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the message must be a JSON object", None, "invalid_json")
+    prompt, params = openai_api.chat_request(body, WS_CHAT_FIELDS, needs_messages=False)
+    if prompt.messages is not None:
+        return prompt, params, {}
+    if body.get("prompt_ids") is not None:
+        prompt.ids = body["prompt_ids"]
+        return prompt, params, {"prompt": "prompt_ids"}
+    if body.get("prompt") is None:
+        raise RequestError("send messages, prompt or prompt_ids", "messages", "missing_required_parameter")
+    prompt.text = typed(body, "prompt", str)
+    return prompt, params, {}
+
+
+def error_frame(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"type": "error", "message": message, "status": status, **error_body(status, message, param, code)}
+
+
+async def _answer(ws, request: web.Request, msg, incoming: asyncio.Future) -> None:
+    node = request.app[NODE]
     try:
-        async with Generation(node, meter, prompt, params) as gen:
-            async for token, text, _ in gen:
+        prompt, params, names = chat_socket_request(msg)
+        await node.wait_ready()
+        job = prepare(node, prompt, params, names)
+    except RequestError as e:
+        return await ws.send_json(error_frame(e.status, str(e), e.param, e.code))
+    except SwarmError as e:
+        return await ws.send_json(error_frame(e.status, str(e), None, SWARM_CODES.get(e.status)))
+    try:
+        async with generation(request, job) as gen:
+            answer = Deltas(job)
+            async for choice, text, _ in gen:
                 if _gone(incoming):
                     return  # the client went away: leaving the `async with` ends the session on every stage
-                if text:
-                    await ws.send_json({"type": "token", "text": text, "id": token})
-        await ws.send_json({"type": "done", "finish_reason": gen.finish_reason or "length", "usage": gen.usage(),
-                            "timings": gen.timings.as_dict(), "token_ids": gen.token_ids})
+                if (delta := answer.feed(choice, text)) is not None and delta.text:
+                    await ws.send_json({"type": "token", "text": delta.text, "id": delta.choices[-1].token})
+            if (last := answer.close()) is not None and last.text:
+                await ws.send_json({"type": "token", "text": last.text, "id": last.choices[-1].token})
+        done = {"type": "done", "finish_reason": answer.finish_reason(gen), "usage": gen.usage(),
+                "timings": gen.timings.as_dict(), "token_ids": gen.token_ids}
+        await ws.send_json({**done, "tool_calls": answer.calls} if answer.calls else done)
     except SwarmError as e:
-        await ws.send_json({"type": "error", "message": str(e), "status": e.status})
+        await ws.send_json(error_frame(e.status, str(e), None, SWARM_CODES.get(e.status)))
 
 
 def _gone(incoming: asyncio.Future) -> bool:
@@ -243,18 +313,22 @@ def make_app(node) -> web.Application:
     def unauthorized(request: web.Request) -> web.Response:
         return error_response(401, "this node needs its API key: Authorization: Bearer KEY", "invalid_api_key")
 
-    app = web.Application(client_max_size=4 << 20, middlewares=[auth.make_middleware(node, unauthorized)])
+    app_metrics = metrics.Metrics(node)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[auth.make_middleware(node, unauthorized),
+                                                                metrics.middleware(app_metrics)])
     app[NODE] = node
     app[METER] = Meter()
+    app[METRICS] = app_metrics
     app[SOCKETS] = weakref.WeakSet()
     app.on_shutdown.append(close_sockets)
     app.add_routes([
-        web.get("/peer", node.members.accept), *node.shard_server.routes(),
         web.get("/", dashboard), web.get("/login", login_form), web.post("/login", login), web.post("/logout", logout),
         web.static("/static", HERE / "static"),
-        web.get("/api/swarm", api_swarm), web.get("/api/topology", get_topology), web.put("/api/topology", put_topology),
+        web.get("/api/swarm", api_swarm), web.post("/api/leave", leave), web.get("/api/topology", get_topology), web.put("/api/topology", put_topology),
         web.get("/ws/state", ws_state), web.get("/ws/chat", ws_chat),
-        web.get("/v1/models", openai_api.models), web.post("/v1/completions", openai_api.completions),
-        web.post("/v1/chat/completions", openai_api.chat_completions),
+        web.get("/health", health), web.get("/metrics", serve_metrics),
+        web.get("/v1/models", openai_api.models), web.get("/v1/models/{model:.+}", openai_api.model),
+        web.post("/v1/completions", openai_api.completions), web.post("/v1/chat/completions", openai_api.chat_completions),
+        web.post("/v1/messages", anthropic_api.messages), web.post("/v1/responses", responses_api.responses),
     ])
     return app

@@ -1,8 +1,9 @@
 """`--api-key`: who may use this node's API, sockets and dashboard.
 
-With a key set, a request needs `Authorization: Bearer KEY`, the dashboard cookie (set by the /login
-form or by opening any page with ?key=KEY once), or ?key=KEY itself (handy for websockets). The peer
-socket and the shard routes stay open here: they check the cluster key on their own. The cookie holds
+With a key set, a request needs `Authorization: Bearer KEY` (or `x-api-key: KEY`, as Anthropic's clients
+send it), the dashboard cookie (set by the /login form or by opening any page with ?key=KEY once), or
+?key=KEY itself (handy for websockets). The peer socket and the shard routes stay open here: they check
+the cluster key on their own; /health tells load balancers whether to send requests here, and no more. The cookie holds
 an HMAC of the key, not the key, and is SameSite=Strict, so other sites cannot ride on it.
 """
 
@@ -14,7 +15,7 @@ import hmac
 from aiohttp import web
 from yarl import URL
 
-OPEN_PREFIXES = ("/peer", "/shards/", "/static/", "/login")
+OPEN_PREFIXES = ("/peer", "/shards/", "/static/", "/login", "/health")
 COOKIE_DAYS = 30
 
 
@@ -30,6 +31,7 @@ def cookie_value(key: str) -> str:
 def authorized(request: web.Request, key: str, cookie: str) -> bool:
     given = request.headers.get("Authorization", "")
     return (hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+            or hmac.compare_digest(request.headers.get("x-api-key", "").encode(), key.encode())
             or hmac.compare_digest(request.query.get("key", "").encode(), key.encode())
             or hmac.compare_digest(request.cookies.get(cookie, "").encode(), cookie_value(key).encode()))
 

@@ -5,8 +5,9 @@ streaming detokenizer that never emits half a UTF-8 character."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jinja2
@@ -20,6 +21,7 @@ ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 # Names a message's reasoning comes under; transformers copies the first of them that is set to
 # `reasoning_content` and `thinking`, the two names templates read.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 class ChatTemplateError(ValueError):
@@ -84,6 +86,20 @@ def _template_message(message: dict) -> dict:
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
     return message
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _plain_content(content) -> str:
@@ -162,11 +178,38 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self.backend.to_str()).get("decoder")
+        return "ByteLevel" in json.dumps(decoder)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in the text (a leading space included), as logprobs report them."""
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if int(token_id) in self.backend.get_added_tokens_decoder():
+            return piece.encode()
+        if self._byte_level:
+            alphabet = _byte_level_alphabet()
+            return bytes(alphabet[c] for c in piece if c in alphabet)
+        if match := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def _template_for(self, tools) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template has a tools section (it reads `tools`)."""
+        try:
+            return self.has_chat_template and re.search(r"\btools\b", self.template_for(tools=True)) is not None
+        except ChatTemplateError:
+            return False
+
+    def template_for(self, tools) -> str:
         template = self.chat_template
         if isinstance(template, list):  # named templates: [{"name": "default"|"tool_use"|..., "template": ...}]
             named = {t["name"]: t["template"] for t in template}
@@ -185,7 +228,7 @@ class Tokenizer:
         messages = [_template_message(m) for m in messages]
         context = {**self.special_tokens, **extra}
         try:
-            return _compile(self._template_for(tools)).render(
+            return _compile(self.template_for(tools)).render(
                 messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
                 **context)
         except ChatTemplateError:
