@@ -538,8 +538,10 @@ class Node:
 
     def _start_scheduler(self, epoch: int, plan: Plan, index: int, stage: Stage) -> None:
         stages = plan.stages
+        machines = {self.addr if s.node_id == self.id else getattr(self.members.peers.get(s.node_id), "addr", s.node_id)
+                    for s in stages}
         route = Route(epoch, index, len(stages), stages[index + 1].node_id if index + 1 < len(stages) else None,
-                      stages[0].node_id)
+                      stages[0].node_id, micro_batches=len(machines))
         scheduler = StageScheduler(stage, route, self.send, self.compute, max_batch=self.config.max_batch,
                                    wire_dtype=self.wire_dtype, constrain=self._constraint if stage.spec.last else None)
         scheduler.task = self._spawn(scheduler.run())

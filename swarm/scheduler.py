@@ -12,8 +12,10 @@ it. Rows reach it in frames: a prompt chunk from the session's origin or a sampl
      session's next token with its own sampler and sends it to the session's origin (to stream) and back
      to the first stage (to go on). A session whose token is an end, or whose budget is spent, ends here.
 
-The first stage of a plan of several stages takes at most 1/stages of its decoding sessions a step, so
-the sessions circulate as that many micro-batches and every stage computes at the same time.
+The first stage of a plan spread over M machines takes at most 1/M of its decoding sessions a step, so
+the sessions circulate as M micro-batches and every machine computes at the same time. Stages that share
+a machine share its processor: splitting among them would only add hops (measured on loopback: 16
+streams through three daemons on two cores, 1034 tok/s in one batch against 489 in three groups).
 
 A scheduler lives as long as its plan's epoch: it knows its stage, where its rows go next, and how to
 send frames and reach the compute thread (all given), and nothing of the node around it.
@@ -63,6 +65,7 @@ class Route:
     stages: int                 # how many stages the plan has
     next_node: str | None       # the node of stage index + 1 (None on the last stage)
     first_node: str             # the node of stage 0, where sampled tokens go on
+    micro_batches: int = 1      # groups the first stage keeps its decoding sessions in (see the docstring)
 
 
 @dataclass
@@ -253,10 +256,10 @@ class StageScheduler:
         return True
 
     def _decode_cap(self) -> int:
-        if self.route.index != 0 or self.route.stages == 1:
+        if self.route.index != 0 or self.route.micro_batches <= 1:
             return self.max_batch
         decoding = sum(s.decoding for s in self.sessions.values())
-        return max(1, min(self.max_batch, math.ceil(decoding / self.route.stages)))
+        return max(1, min(self.max_batch, math.ceil(decoding / self.route.micro_batches)))
 
     def _take_batch(self) -> list[Piece]:
         """One piece per session: decode rows up to the cap, then prompt rows up to PREFILL_ROWS."""

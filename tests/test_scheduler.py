@@ -107,23 +107,24 @@ async def test_a_long_prompt_shares_steps_with_the_others_decode(tiny_llama):
     assert all(max(rows) <= PREFILL_ROWS for rows in h.rows_per_step)
 
 
-async def test_the_first_of_three_stages_runs_three_micro_batches(tiny_llama):
+@pytest.mark.parametrize("machines, groups", [(3, [2, 2, 2]), (1, [6])])
+async def test_the_first_of_three_stages_runs_a_micro_batch_per_machine(tiny_llama, machines, groups):
     first = load_stage(tiny_llama.folder, 0, 2, True, False)
-    h = Harness(first, Route(1, 0, 3, "next", "me"), loop_back=False)
+    h = Harness(first, Route(1, 0, 3, "next", "me", micro_batches=machines), loop_back=False)
     task = asyncio.ensure_future(h.scheduler.run())
     try:
         sessions = {f"d{i}": [1, 10 + i] for i in range(6)}
         h.scheduler.take_forward(open_frame(1, sessions, 20))
         await until(lambda: sum(len(f["rows"]) for _, f in h.frames) == 6)
         h.frames.clear()
-        # the six tokens come back at once; the stage takes at most 6 / 3 = 2 of them a step
+        # the six tokens come back at once; over three machines the stage takes at most 6 / 3 = 2 a step
         h.scheduler.take_tokens([{"session": sid, "pos": 2, "token": 42, "done": False} for sid in sessions])
         await until(lambda: sum(len(f["rows"]) for _, f in h.frames) == 6)
     finally:
         task.cancel()
-    assert [len(f["rows"]) for _, f in h.frames] == [2, 2, 2]
-    assert all(f["t"] == "forward" and f["stage"] == 1 and f["hidden"]["shape"] == [2, first.cfg.hidden_size]
-               for _, f in h.frames)
+    assert [len(f["rows"]) for _, f in h.frames] == groups
+    assert all(f["t"] == "forward" and f["stage"] == 1 and f["hidden"]["shape"] == [n, first.cfg.hidden_size]
+               for (_, f), n in zip(h.frames, groups))
 
 
 async def test_rows_that_break_the_rules_are_refused_one_session_at_a_time(tiny_llama):
