@@ -643,8 +643,11 @@ class Node:
         it. Bounded by `timeout`; new requests are refused meanwhile."""
         self.leaving.add(self.id)
         self.notify()
-        deadline, handed_over = time.monotonic() + timeout, True
-        if self.plan is not None and self.id in self.plan.node_ids():
+        deadline, in_plan = time.monotonic() + timeout, self.plan is not None and self.id in self.plan.node_ids()
+        handed_over = in_plan and bool(self.members.peers)
+        if in_plan and not handed_over:
+            log.info("leaving: no other node to hand layers over to")
+        elif in_plan:
             log.info("leaving: handing layers %s over", ", ".join(f"{s.start}-{s.end - 1}" for s in self.my_stages()))
             self._handover = asyncio.get_running_loop().create_future()
             if self.is_coordinator:
@@ -665,7 +668,7 @@ class Node:
             await asyncio.sleep(0.05)
         if self.admission.active:
             log.warning("leaving with %d requests still generating (waited %.0f s)", self.admission.active, timeout)
-        log.info("handed over: leaving" if handed_over else "leaving")
+        log.info("handed over: leaving" if handed_over else "leaving: nothing handed over")
 
     # --- serving requests ----------------------------------------------------------------------------
 
