@@ -122,6 +122,9 @@ def chat_ws(url: str, body: dict, timeout: float = 60.0) -> dict:
 
 # --- helpers for the web tests ---------------------------------------------------------------------------
 
+SOLO_CHAT = "The little dog wanted to"   # the solo_demo fixture's reference prompt (tests/conftest.py)
+SOLO_MAX_TOKENS = 30
+
 DEMO_SPLIT_BUDGET = "700000"  # the demo needs 1.06 MB with its KV cache (512 positions): two such nodes split it 0-2 | 3-4
 
 

@@ -1,4 +1,4 @@
-"""Anthropic's Messages API on a demo daemon, spoken to by the official `anthropic` client: text (equal to
+"""Anthropic's Messages API on a demo solo_demo, spoken to by the official `anthropic` client: text (equal to
 `cake-swarm generate` on one node), streaming events, stop sequences, forced tool use whose input
 satisfies the tool's schema, and refusals in Anthropic's error shape."""
 
@@ -8,83 +8,62 @@ import anthropic
 import jsonschema
 import pytest
 
-from tests.swarm_harness import Daemon, cli_generate, free_port, ready_swarm
+from tests.swarm_harness import SOLO_CHAT as CHAT, SOLO_MAX_TOKENS as MAX_TOKENS
 
-CHAT = "The little dog wanted to"
-MAX_TOKENS = 30
 WEATHER = {"name": "get_weather", "description": "The weather in a city", "input_schema": {
     "type": "object", "additionalProperties": False, "required": ["city", "days"],
     "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("anthropic")
+def client(solo_demo) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=solo_demo.url, api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def daemon(workdir):
-    node = Daemon("solo", "127.0.0.1", free_port(), ["--model", "demo", "--no-mdns", "--speed", "1",
-                                                     "--cache-dir", str(workdir / "cache")],
-                  workdir, {"XDG_CACHE_HOME": str(workdir / "xdg")})
-    with ready_swarm([node], nodes=1):
-        yield node
-
-
-@pytest.fixture(scope="module")
-def expected(daemon, workdir) -> str:
-    return cli_generate(workdir, "--prompt", CHAT, "--max-tokens", str(MAX_TOKENS))
-
-
-def client(daemon) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
-
-
-def test_text_equals_one_nodes_generate(daemon, expected):
-    message = client(daemon).messages.create(model="demo", max_tokens=MAX_TOKENS,
+def test_text_equals_one_nodes_generate(solo_demo, solo_demo_answer):
+    message = client(solo_demo).messages.create(model="demo", max_tokens=MAX_TOKENS,
                                              messages=[{"role": "user", "content": CHAT}])
     assert message.type == "message" and message.role == "assistant" and message.model == "demo"
-    assert [b.type for b in message.content] == ["text"] and message.content[0].text == expected
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == solo_demo_answer
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == MAX_TOKENS
     assert message.usage.input_tokens > 0
 
 
-def test_streamed_text_and_events(daemon, expected):
-    with client(daemon).messages.stream(model="demo", max_tokens=MAX_TOKENS,
+def test_streamed_text_and_events(solo_demo, solo_demo_answer):
+    with client(solo_demo).messages.stream(model="demo", max_tokens=MAX_TOKENS,
                                         messages=[{"role": "user", "content": [{"type": "text", "text": CHAT}]}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
-    assert text == expected and final.content[0].text == expected
+    assert text == solo_demo_answer and final.content[0].text == solo_demo_answer
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == MAX_TOKENS
 
 
-def test_a_stop_sequence_is_named(daemon, expected):
-    stop = expected.split()[3]
-    message = client(daemon).messages.create(model="demo", max_tokens=MAX_TOKENS, stop_sequences=["zzz", stop],
+def test_a_stop_sequence_is_named(solo_demo, solo_demo_answer):
+    stop = solo_demo_answer.split()[3]
+    message = client(solo_demo).messages.create(model="demo", max_tokens=MAX_TOKENS, stop_sequences=["zzz", stop],
                                              messages=[{"role": "user", "content": CHAT}])
-    assert message.content[0].text == expected[:expected.index(stop)]
+    assert message.content[0].text == solo_demo_answer[:solo_demo_answer.index(stop)]
     assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_forced_tool_use_satisfies_the_schema(daemon, stream):
+def test_forced_tool_use_satisfies_the_schema(solo_demo, stream):
     args = dict(model="demo", max_tokens=100, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
                 messages=[{"role": "user", "content": "What is the weather in Paris?"}])
     if stream:
-        with client(daemon).messages.stream(**args) as s:
+        with client(solo_demo).messages.stream(**args) as s:
             kinds = [e.type for e in s]
             message = s.get_final_message()
         assert "content_block_start" in kinds and kinds[-1] == "message_stop"
     else:
-        message = client(daemon).messages.create(**args)
+        message = client(solo_demo).messages.create(**args)
     assert message.stop_reason == "tool_use"
     (block,) = message.content
     assert block.type == "tool_use" and block.name == "get_weather" and block.id.startswith("toolu_")
     jsonschema.validate(block.input, WEATHER["input_schema"])
 
 
-def test_a_tool_result_conversation_and_mistakes_in_anthropics_shape(daemon):
-    c = client(daemon)
+def test_a_tool_result_conversation_and_mistakes_in_anthropics_shape(solo_demo):
+    c = client(solo_demo)
     history = [{"role": "user", "content": "Weather?"},
                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                                   "input": {"city": "Paris", "days": 1}}]},

@@ -211,16 +211,17 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm, self.eps = input_layernorm, post_attention_layernorm, eps
         self.decode_step = _decode_step(self)
 
-    def __call__(self, x: mx.array, caches: list[KVCache], rows: list[int]) -> mx.array:
+    def __call__(self, x: mx.array, caches: list[KVCache], rows: list[int], positions: mx.array | None = None) -> mx.array:
+        """positions: for a decode batch (one row a session), each session's new position, made once a step."""
         if self.decode_step is not None and x.shape[1] == len(caches):
-            out = self._fused_decode(x, caches)
+            out = self._fused_decode(x, caches, positions)
             if out is not None:
                 return out
         h = x + self.self_attn(mx.fast.rms_norm(x, self.input_layernorm, self.eps), caches, rows)
         return h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
 
 
-    def _fused_decode(self, x: mx.array, caches: list[KVCache]) -> mx.array | None:
+    def _fused_decode(self, x: mx.array, caches: list[KVCache], positions: mx.array | None) -> mx.array | None:
         """One new row for each of these sessions through the fused step (CUDA), or None where it cannot."""
         if any(c.keys is None or c.offset >= cuda_q4.position_limit() for c in caches):
             return None  # a prompt's first rows, or past what the kernels take: op by op
@@ -235,8 +236,9 @@ class Block(nn.Module):
                 mx.eval(*writes.values())
                 writes = {}
             after = next(iter(writes.values()), None)
-            out = self.decode_step.batch(x, [(c.keys, c.values) for c in caches],
-                                         cuda_q4.positions([c.offset for c in caches]), after)
+            if positions is None:
+                positions = cuda_q4.positions([c.offset for c in caches])
+            out = self.decode_step.batch(x, [(c.keys, c.values) for c in caches], positions, after)
         if out is not None:
             for cache in caches:
                 cache.written_in_place(out)
@@ -307,8 +309,12 @@ class Stage(nn.Module):
             out = mx.array(self.cpu.forward(np.asarray(x), caches, rows, all_logits))
             return out if self.spec.last else out[None]
         h = self.embed_tokens.rows(x[None]) if self.spec.first else x.reshape(1, -1, self.cfg.hidden_size).astype(self.dtype)
+        # a decode batch on the fused CUDA step: the sessions' positions once for every layer (host time a step)
+        positions = None
+        if len(caches) > 1 and len(rows) == x.shape[0] and self.layers and self.layers[0].decode_step is not None:
+            positions = cuda_q4.positions([c[0].offset for c in caches])
         for i, layer in enumerate(self.layers):
-            h = layer(h, [c[i] for c in caches], rows)
+            h = layer(h, [c[i] for c in caches], rows, positions)
         if not self.spec.last:
             return h
         if not all_logits:
