@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels import cpu_path
+from kernels import cpu_matmul, cpu_path, cpu_simd  # noqa: F401  (cpu_simd: it names numba's cache folder)
 
 
 class KV:
@@ -133,22 +133,72 @@ def attend_causal(q, keys, values, length, scale):
 
 def attend_rows(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
     """q (L, heads, head_dim) of one session's L new rows, whose keys and values are already in kv (the last
-    L positions): causal attention -> (L, heads * head_dim)."""
+    L positions): causal attention -> (L, heads * head_dim). A prompt chunk (BLAS_MIN_ROWS rows or more)
+    runs on BLAS, as its linears do."""
     if q.shape[0] == 1:
         return attend_one(q[0], kv.keys, kv.values, kv.offset, np.float32(scale))[None]
-    numba.set_num_threads(min(cpu_path.threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_parallel_chunksize(1)
+    if q.shape[0] >= BLAS_MIN_ROWS:
+        return attend_on_blas(q, kv, scale)
+    _use_threads()
     return attend_causal(q, kv.keys, kv.values, kv.offset, np.float32(scale))
 
 
-@njit(cache=True)
-def silu_mul(gate, up):
-    """silu(gate) * up, elementwise, float32 (T, n)."""
-    out = np.empty_like(gate)
-    for t in range(gate.shape[0]):
+ATTEND_BLOCK = 64  # rows of a prompt chunk that attend_on_blas computes at a time
+
+
+def attend_on_blas(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
+    """attend_rows for a prompt chunk: per block of ATTEND_BLOCK rows and kv head, the scores of the block's
+    query heads over the positions its last row sees in one matrix product, the causal part of the last
+    block of columns masked, softmax, and one product with the values. The blocks are spread over the
+    cores, each on a one-thread BLAS."""
+    L, heads, dim = q.shape
+    kv_heads, past = kv.keys.shape[0], kv.offset - L
+    group = heads // kv_heads
+    out = np.empty((L, heads, dim), np.float32)
+    hidden = np.triu(np.full((ATTEND_BLOCK, ATTEND_BLOCK), -np.inf, np.float32), k=1)  # row i sees columns <= i
+
+    def block(b0: int) -> None:
+        n = min(ATTEND_BLOCK, L - b0)
+        seen = past + b0 + n
+        for g in range(kv_heads):
+            rows = q[b0:b0 + n, g * group:(g + 1) * group].reshape(n * group, dim)
+            s = (rows @ kv.keys[g, :seen].T).reshape(n, group, seen)
+            s *= np.float32(scale)
+            s[:, :, seen - n:] += hidden[:n, None, :n]
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            out[b0:b0 + n, g * group:(g + 1) * group] = (s.reshape(n * group, seen) @ kv.values[g, :seen]).reshape(n, group, dim)
+
+    cpu_matmul.one_thread_blas()
+    list(cpu_matmul.blas_pool(cpu_path.threads()).map(block, range(0, L, ATTEND_BLOCK)))
+    return out.reshape(L, heads * dim)
+
+
+def _use_threads() -> None:
+    numba.set_num_threads(min(cpu_path.threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_parallel_chunksize(1)
+
+
+@njit(cache=True, nogil=True)
+def _silu_mul_rows(gate, up, out, start, stop):
+    for t in range(start, stop):
         for i in range(gate.shape[1]):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, elementwise, float32 (T, n). Many rows (a prompt chunk) are spread over the BLAS
+    threads, the ones its linears run on, rather than numba's, which would stay awake beside them."""
+    out = np.empty_like(gate)
+    T = gate.shape[0]
+    if T < 16:
+        _silu_mul_rows(gate, up, out, 0, T)
+        return out
+    bounds = np.linspace(0, T, cpu_path.threads() + 1).astype(int)
+    list(cpu_matmul.blas_pool(cpu_path.threads()).map(lambda i: _silu_mul_rows(gate, up, out, bounds[i], bounds[i + 1]),
+                                                      range(len(bounds) - 1)))
     return out
 
 

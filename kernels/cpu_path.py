@@ -16,6 +16,15 @@ import numpy as np
 TOLERANCE = 1e-5    # max |kernel - mx.quantized_matmul| / max |mx.quantized_matmul| in the self-check
 CHECK_ROWS = (1, 2, 5)  # activation rows the self-check runs: both drivers, and a row count the tiles split
 
+# numba's thread pool (GNU OpenMP) spins after each parallel region, 300,000 pauses by default (~20 ms on the
+# 2-core VM). The spinning threads take the cores from whatever runs next: the prompt's BLAS threads (prefill
+# 159 against 262 tok/s), the node's event loop, and on a machine shared by several daemons the next
+# stage (3 nodes on one VM: 0.73x one node's decode). Not spinning at all makes every region wait for a
+# sleeping thread. 20,000 pauses (~1 ms) bridge the gaps between the regions of one forward and no more:
+# 3 nodes 0.90x. (Read when libgomp loads, which is when numba starts its threads: set_threads.)
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 _state: dict = {"enabled": None, "why": "", "target": "", "threads": CORES, "formats": {}}

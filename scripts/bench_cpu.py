@@ -28,6 +28,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+USER_OPENMP = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # before kernels/ sets its own
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -225,8 +227,40 @@ class MlxLm:
 
 
 class LlamaCpp:
+    """llama.cpp in a process of its own: it and numba share GNU OpenMP, whose settings are read once a process
+    (kernels.cpu_path sets ours), so llama.cpp keeps its defaults there. Timed inside that process."""
+
     name = "llama.cpp"
 
+    def __init__(self, path: Path, threads: int, context: int):
+        import multiprocessing
+
+        self.conn, child = multiprocessing.Pipe()
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=_serve_llama_cpp, args=(child, path, threads, context, USER_OPENMP), daemon=True)
+        self.proc.start()
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+        self.conn.send((prompt, tokens))
+        return self.conn.recv()
+
+
+def _serve_llama_cpp(conn, path: Path, threads: int, context: int, openmp: dict) -> None:
+    for name, value in openmp.items():  # the user's, not what our kernels set in the parent
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    runner = _LlamaCppHere(path, threads, context)
+    while True:
+        try:
+            prompt, tokens = conn.recv()
+        except EOFError:  # the bench is done
+            return
+        conn.send(runner.run(prompt, tokens))
+
+
+class _LlamaCppHere:
     def __init__(self, path: Path, threads: int, context: int):
         from llama_cpp import Llama
 

@@ -1,9 +1,11 @@
 """Swarm benchmark on loopback: decode tok/s of 1, 2 and 3 nodes in one run, the per-hop cost, time to ready.
 
-    python scripts/bench_swarm.py [--model qwen2.5-0.5b|demo|PATH] [--tokens 64]
+    python scripts/bench_swarm.py [--model qwen2.5-0.5b|demo|PATH] [--tokens 64] [--rounds 7]
 
 Every node is a real `cake-swarm up` process on 127.0.0.1 (mDNS off, --peer to the source). Budgets are set
-so that N nodes are needed for N = 1, 2, 3; the same greedy request is sent through the first node.
+so that N nodes are needed for N = 1, 2, 3; the three swarms run side by side and the same greedy request
+goes to each in turn through its first node (best and median tok/s, ratios best to best and median to
+median).
 The per-hop cost comes from the demo model, whose compute is tiny: (time per token with 3 nodes - with 1
 node) / 3 extra hops per token.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -39,33 +42,45 @@ def model_bytes(model: str, max_context: int) -> tuple[int, int]:
     return cost.total_bytes(), max(cost.layer_bytes) + cost.kv_bytes_per_layer
 
 
-def run_swarm(model: str, n: int, work: Path, tokens: int, max_context: int, env: dict, repeats: int) -> dict:
+def start_swarm(model: str, n: int, work: Path, max_context: int, env: dict) -> tuple[list[Daemon], float]:
+    """n real daemons holding the model, budgets set so that all n are needed; (daemons, seconds to ready)."""
     total, layer = model_bytes(model, max_context)
     # halfway between 1/n and 1/(n-1) of the model: n nodes are needed, with room for the embedding and head
     budget = total + layer if n == 1 else (total // n + total // (n - 1)) // 2
     port = free_port()
     daemons = []
     t0 = time.perf_counter()
+    for i in range(n):
+        args = ["--memory-budget", str(budget), "--max-context", str(max_context), "--speed", str(10 - i),
+                "--no-mdns", "--cache-dir", str(work / f"{Path(model).name}-n{n}-{i}")]
+        args += ["--model", model] if i == 0 else ["--peer", f"127.0.0.1:{port}"]
+        daemons.append(Daemon(f"{Path(model).name}-n{n}-{i}", "127.0.0.1", port if i == 0 else free_port(), args, work, env))
+    wait_ready(daemons, timeout=600, nodes=n)
+    return daemons, time.perf_counter() - t0
+
+
+def run_swarms(model: str, work: Path, tokens: int, max_context: int, env: dict, rounds: int) -> list[dict]:
+    """Swarms of 1, 2 and 3 nodes up side by side, idle but for the request in flight: one request to each
+    in turn, `rounds` times, so that the machine's moods fall on all of them alike."""
+    swarms = {}
     try:
-        for i in range(n):
-            args = ["--memory-budget", str(budget), "--max-context", str(max_context), "--speed", str(10 - i),
-                    "--no-mdns", "--cache-dir", str(work / f"n{n}-{i}")]
-            args += ["--model", model] if i == 0 else ["--peer", f"127.0.0.1:{port}"]
-            daemons.append(Daemon(f"n{n}-{i}", "127.0.0.1", port if i == 0 else free_port(), args, work, env))
-        states = wait_ready(daemons, timeout=600, nodes=n)
-        ready_s = time.perf_counter() - t0
-        used = len(states[0]["plan"])
-        chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": 8})  # warm up
-        best = None
-        for _ in range(repeats):
-            done = chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": tokens}, timeout=600)["done"]
-            if best is None or done["timings"]["decode_tps"] > best["timings"]["decode_tps"]:
-                best = done
-        return {"nodes": n, "stages": used, "ready_s": ready_s, "tps": best["timings"]["decode_tps"],
-                "ttft_s": best["timings"]["ttft_s"], "ids": best["token_ids"]}
+        for n in (1, 2, 3):
+            swarms[n] = start_swarm(model, n, work, max_context, env)
+        for daemons, _ in swarms.values():
+            chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": 8})  # warm up
+        runs = {n: [] for n in swarms}
+        for _ in range(rounds):
+            for n, (daemons, _) in swarms.items():
+                runs[n].append(chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": tokens}, timeout=600)["done"])
+        return [{"nodes": n, "stages": len(daemons[0].state()["plan"]), "ready_s": ready_s,
+                 "tps": [d["timings"]["decode_tps"] for d in runs[n]],
+                 "ttft_s": statistics.median(d["timings"]["ttft_s"] for d in runs[n]),
+                 "ids": {tuple(d["token_ids"]) for d in runs[n]}}
+                for n, (daemons, ready_s) in swarms.items()]
     finally:
-        for d in daemons:
-            d.stop()
+        for daemons, _ in swarms.values():
+            for d in daemons:
+                d.stop()
 
 
 def main() -> None:
@@ -73,7 +88,7 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--max-context", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3, help="requests per swarm; the fastest is reported")
+    p.add_argument("--rounds", type=int, default=7, help="requests to each swarm, in turn")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cake-swarm-bench")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -90,18 +105,21 @@ def main() -> None:
     print(f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     results = {}
     for model in models:
-        rows = [run_swarm(model, n, args.work, args.tokens if model != "demo" else 200, args.max_context, env, args.repeats)
-                for n in (1, 2, 3)]
+        tokens = args.tokens if model != "demo" else 200
+        rows = run_swarms(model, args.work, tokens, args.max_context, env, args.rounds)
         results[model] = rows
         base = rows[0]
-        print(f"\n{Path(model).name}: {args.tokens if model != 'demo' else 200} tokens, greedy, through the first node")
-        print(f"{'nodes':>5} {'stages':>6} {'decode tok/s':>12} {'vs 1 node':>9} {'TTFT ms':>8} {'up->ready s':>11} {'same ids':>8}")
+        print(f"\n{Path(model).name}: {tokens} tokens, greedy, through the first node; {args.rounds} requests to each "
+              f"swarm in turn (load average now {os.getloadavg()[0]:.1f})")
+        print(f"{'nodes':>5} {'stages':>6} {'tok/s best':>10} {'median':>7} {'vs 1 node':>15} {'TTFT ms':>8} "
+              f"{'up->ready s':>11} {'same ids':>8}")
         for r in rows:
-            print(f"{r['nodes']:>5} {r['stages']:>6} {r['tps']:>12.1f} {r['tps'] / base['tps']:>8.2f}x "
-                  f"{r['ttft_s'] * 1000:>8.1f} {r['ready_s']:>11.1f} {str(r['ids'] == base['ids']):>8}")
+            ratio = f"{max(r['tps']) / max(base['tps']):.2f} / {statistics.median(r['tps']) / statistics.median(base['tps']):.2f}x"
+            print(f"{r['nodes']:>5} {r['stages']:>6} {max(r['tps']):>10.1f} {statistics.median(r['tps']):>7.1f} {ratio:>15} "
+                  f"{r['ttft_s'] * 1000:>8.1f} {r['ready_s']:>11.1f} {str(len(r['ids'] | base['ids']) == 1):>8}")
     demo = results[models[-1]]
-    per_token = [1 / r["tps"] for r in demo]
-    print(f"\nper-hop cost (demo, 3 hops per token at 3 nodes vs none at 1): "
+    per_token = [1 / statistics.median(r["tps"]) for r in demo]
+    print(f"\nper-hop cost (demo, medians; 3 hops per token at 3 nodes, none at 1): "
           f"{(per_token[2] - per_token[0]) / 3 * 1e6:.0f} us")
 
 

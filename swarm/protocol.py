@@ -227,10 +227,17 @@ def encode_frame(msg: dict, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
     return data
 
 
-def encode_tensor(x: mx.array, wire_dtype: str | None = None) -> dict:
-    """mx.array -> {"dtype", "shape", "data"} (little-endian, row-major), cast to wire_dtype if given.
+def encode_tensor(x: mx.array | np.ndarray, wire_dtype: str | None = None) -> dict:
+    """mx.array (or a float32 numpy array) -> {"dtype", "shape", "data"} (little-endian, row-major), cast to
+    wire_dtype if given.
 
     wire_dtype None or "auto" keeps the array's dtype, which must be float32, float16 or bfloat16."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.float32:
+            raise ProtocolError(f"cannot send a numpy tensor of dtype {x.dtype}")
+        if wire_dtype in (None, "auto", "float32"):  # a CPU stage's rows: no MLX op on the way out
+            return {"dtype": "float32", "shape": list(x.shape), "data": np.ascontiguousarray(x).tobytes()}
+        x = mx.array(x)
     if wire_dtype not in (None, "auto"):
         if wire_dtype not in WIRE_DTYPES:
             raise ProtocolError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -254,6 +261,14 @@ def tensor_numpy(d: dict) -> np.ndarray:
     if problem:
         raise ProtocolError(problem)
     return np.frombuffer(d["data"], dtype=np.dtype(WIRE_DTYPES[d["dtype"]][1]).newbyteorder("<")).reshape(d["shape"])
+
+
+def tensor_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A numpy array from tensor_numpy (or rows of them) -> float32 numpy, without MLX (bfloat16 widened by
+    its bits)."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(a, np.float32)
 
 
 def tensor_to_mx(a: np.ndarray, dtype: str) -> mx.array:

@@ -36,7 +36,7 @@ import numpy as np
 
 from swarm.model.decoder import KVCache, Stage
 from swarm.model.sampling import Choice, Sampler, SamplingParams
-from swarm.protocol import encode_tensor, tensor_numpy, tensor_to_mx
+from swarm.protocol import encode_tensor, tensor_float32, tensor_numpy, tensor_to_mx
 
 log = logging.getLogger("swarm.scheduler")
 
@@ -286,6 +286,12 @@ class StageScheduler:
 
     def _forward(self, batch: list[Piece], sessions: list[StageSession]):
         """On the compute thread: the batch through the stage; hidden states, or one Choice per final piece."""
+        if self.stage.cpu is not None:  # numpy from the wire to the wire: an MLX op costs a thread hand-off
+            out = self._forward_cpu(batch, sessions)
+            if not self.stage.spec.last:
+                return out
+            out = mx.array(out)
+            return choose(out, [None if p.more else s.sampler for p, s in zip(batch, sessions)])
         if self.stage.spec.first:
             x = mx.array([t for p in batch for t in p.rows], dtype=mx.int32)
         else:
@@ -296,6 +302,13 @@ class StageScheduler:
             mx.eval(out)
             return out
         return choose(out, [None if p.more else s.sampler for p, s in zip(batch, sessions)])
+
+    def _forward_cpu(self, batch: list[Piece], sessions: list[StageSession]) -> np.ndarray:
+        if self.stage.spec.first:
+            x = np.array([t for p in batch for t in p.rows], np.int32)
+        else:
+            x = tensor_float32(batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch]), self.wire_in)
+        return self.stage.forward_numpy(x, [s.caches for s in sessions], [p.n for p in batch])
 
     async def _emit(self, batch: list[Piece], sessions: list[StageSession], out) -> None:
         route = self.route

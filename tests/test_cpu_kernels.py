@@ -53,6 +53,25 @@ def test_quantized_matches_mlx(bits, group_size, out_dim, groups, rows, seed):
     assert sum_error(plan(np.asarray(x), 2), ref, np.asarray(x), w) <= TOLERANCE
 
 
+@pytest.mark.parametrize("half, kept_as", [("bfloat16", np.uint16), ("float16", np.int16)])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_scales_saved_in_half_precision_are_read_in_16_bits(half, kept_as, bits):
+    """Scales and biases a checkpoint saved in 16 bits (widened to float32 by the stage) stay 16-bit in the
+    plan, and every driver reads them as the float32 values MLX multiplies with."""
+    rng = np.random.default_rng(bits)
+    w = mx.array(rng.standard_normal((70, 256), np.float32) * 0.06)
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    s, b = (a.astype(getattr(mx, half)).astype(mx.float32) for a in (s, b))
+    plan = cpu_matmul.quantized_plan(np.asarray(q), np.asarray(s), np.asarray(b), 64, bits)
+    assert plan.scales.dtype == kept_as and plan.biases.dtype == kept_as
+    wd = np.asarray(mx.dequantize(q, s, b, group_size=64, bits=bits))
+    for rows in (1, 3, 9):  # the fused driver, its 2-row tile, the tiled driver
+        x = mx.array(rng.standard_normal((rows, 256), np.float32))
+        ref = np.asarray(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits))
+        assert sum_error(plan(np.asarray(x), 2), ref, np.asarray(x), wd) <= TOLERANCE
+        assert sum_error(plan.on_blas(np.asarray(x), 2), ref, np.asarray(x), wd) <= TOLERANCE
+
+
 @pytest.mark.parametrize("bits", [4, 6, 32])
 def test_prompt_chunks_on_blas_match_mlx(bits):
     """Plan.on_blas (weights dequantized a block at a time, numpy's BLAS) for a prompt chunk's rows."""
@@ -179,9 +198,10 @@ def test_rope_matches_mlx(traditional, rope):
     np.testing.assert_allclose(ours, np.asarray(ref)[0].transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("new_rows", [1, 7])
+@pytest.mark.parametrize("new_rows", [1, 7, 150])
 def test_attention_matches_mlx(new_rows):
-    """A session with 20 cached positions and new_rows more: causal, grouped heads (6 over 2)."""
+    """A session with 20 cached positions and new_rows more: causal, grouped heads (6 over 2). 150 rows: a
+    prompt chunk, on BLAS in blocks (the last one partial)."""
     rng = np.random.default_rng(new_rows)
     heads, kv_heads, dim, past = 6, 2, 32, 20
     k = rng.standard_normal((past + new_rows, kv_heads, dim), np.float32)
@@ -207,8 +227,9 @@ def test_kv_grows_past_its_step():
     np.testing.assert_array_equal(kv.values[:, :300], -k.transpose(1, 0, 2))
 
 
-def test_silu_mul_matches_mlx():
+@pytest.mark.parametrize("rows", [3, 40])  # on the calling thread, and spread over the cores
+def test_silu_mul_matches_mlx(rows):
     rng = np.random.default_rng(6)
-    g, u = rng.standard_normal((3, 50), np.float32) * 4, rng.standard_normal((3, 50), np.float32)
+    g, u = rng.standard_normal((rows, 50), np.float32) * 4, rng.standard_normal((rows, 50), np.float32)
     ref = np.asarray(nn.silu(mx.array(g)) * mx.array(u))
     np.testing.assert_allclose(cpu_block.silu_mul(g, u), ref, rtol=1e-5, atol=1e-6)

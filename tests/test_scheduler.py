@@ -30,14 +30,15 @@ class Harness:
         self.frames: list[tuple[str, dict]] = []
         self.rows_per_step: list[list[int]] = []
         self.loop_back = loop_back
-        forward = stage.forward
+        for name in ("forward", "forward_numpy"):  # MLX's ops, or numpy on the CPU kernels
+            setattr(stage, name, self.counting(getattr(stage, name)))
+        self.scheduler = StageScheduler(stage, route, self.send, self.compute, max_batch=max_batch)
 
-        def counting_forward(x, caches, rows, all_logits=False):
+    def counting(self, forward):
+        def counted(x, caches, rows, all_logits=False):
             self.rows_per_step.append(list(rows))
             return forward(x, caches, rows, all_logits)
-
-        stage.forward = counting_forward
-        self.scheduler = StageScheduler(stage, route, self.send, self.compute, max_batch=max_batch)
+        return counted
 
     async def send(self, node: str, frame: dict) -> None:
         self.frames.append((node, frame))

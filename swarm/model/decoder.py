@@ -298,6 +298,10 @@ class Stage(nn.Module):
         out = self.forward(x[0], [cache], [L], all_logits)
         return out[None] if self.spec.last else out
 
+    def forward_numpy(self, x: np.ndarray, caches: list, rows: list[int], all_logits: bool = False) -> np.ndarray:
+        """forward on the CPU kernels (self.cpu set), numpy in and out: hidden states (T, hidden), not (1, T, hidden)."""
+        return self.cpu.forward(x, caches, rows, all_logits)
+
     def forward(self, x: mx.array, caches: list[list[KVCache]], rows: list[int], all_logits: bool = False) -> mx.array:
         """A batch: the rows of several sessions packed one after another, session i's rows[i] rows at its
         cache's position. x: token ids (T,) on the first stage, else hidden states (T, hidden).
@@ -306,7 +310,7 @@ class Stage(nn.Module):
         all_logits), else hidden states (1, T, hidden) for the next stage.
         """
         if self.cpu is not None:
-            out = mx.array(self.cpu.forward(np.asarray(x), caches, rows, all_logits))
+            out = mx.array(self.forward_numpy(np.asarray(x), caches, rows, all_logits))
             return out if self.spec.last else out[None]
         h = self.embed_tokens.rows(x[None]) if self.spec.first else x.reshape(1, -1, self.cfg.hidden_size).astype(self.dtype)
         # a decode batch on the fused CUDA step: the sessions' positions once for every layer (host time a step)
