@@ -35,12 +35,17 @@ from numba.extending import intrinsic
 def _versioned_cache() -> None:
     """numba keys a cached kernel by the stamp of the file that defines it, not of the intrinsics it inlines:
     after an upgrade that changes this file alone, kernels built from the old intrinsics would load. The
-    kernels' cache lives in a folder named by a digest of every kernels/cpu_*.py file instead. Imported
-    before any of them defines a cached function."""
+    kernels' cache lives in a folder named by a digest of every kernels/cpu_*.py file instead: under
+    NUMBA_CACHE_DIR when set, else beside these files (where numba would have put it), else in the user's
+    cache. Imported before any of them defines a cached function."""
     here = Path(__file__).parent
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(here.glob("cpu_*.py")))).hexdigest()[:16]
-    root = numba.config.CACHE_DIR or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                                  "cake-swarm", "numba")
+    if numba.config.CACHE_DIR:
+        root = numba.config.CACHE_DIR
+    elif os.access(here, os.W_OK):
+        root = str(here / "__pycache__" / "numba")
+    else:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cake-swarm", "numba")
     numba.config.CACHE_DIR = os.path.join(root, digest)
 
 
