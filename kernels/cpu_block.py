@@ -6,7 +6,9 @@ on the 2-core VM), about 20 ms a token for the ops around the linears of a 24-la
 path a stage keeps MLX for its tensors only: `StageRunner` runs the same forward as swarm.model.decoder's
 Stage (the rows of several sessions packed one after another, each session attending over its own cache)
 with the hidden states in numpy from the embedding to the logits. Every kernel here works row by row, so
-a row's result does not depend on the rows beside it (batched decode gives solo decode's tokens).
+a row's result does not depend on the rows beside it (batched decode gives solo decode's tokens); a
+session's prompt chunk of BLAS_MIN_ROWS rows or more runs its linears and its attention on BLAS instead
+(sums in BLAS's order, the same for the same chunk whatever shares its batch), spread over BLAS threads.
 """
 
 from __future__ import annotations

@@ -53,20 +53,24 @@ def best_of(fn, rounds: int) -> list[float]:
 # --- kernels ---------------------------------------------------------------------------------------------
 
 def bench_kernels(threads: int, rounds: int) -> None:
+    from threadpoolctl import threadpool_limits
+
     from kernels import cpu_matmul
 
-    print(f"\nper linear, best of {rounds} interleaved rounds; decode GB/s counts the weights, scales and biases "
-          f"read; prefill: our row-exact tiles, then our prompt-chunk path (Plan.on_blas)")
+    print(f"\nper linear, best of {rounds} interleaved rounds; decode GB/s counts the packed weights and the scales "
+          f"and biases as a checkpoint has them (bfloat16); prefill: our row-exact tiles, then our prompt-chunk "
+          f"path (Plan.on_blas); BLAS f32 on {threads} threads")
     print(f"{'linear':<10} {'rows':>4} {'cake-swarm':>16} {'MLX':>8} {'BLAS f32':>9} {'unit':<8} {'vs MLX':>7} "
           f"{'vs BLAS':>8}")
     rng = np.random.default_rng(0)
     for name, (out_dim, in_dim) in LINEARS.items():
         w = mx.array(rng.standard_normal((out_dim, in_dim), np.float32) * in_dim ** -0.5)
         q, s, b = mx.quantize(w, group_size=GROUP_SIZE, bits=4)
+        s, b = (a.astype(mx.bfloat16).astype(mx.float32) for a in (s, b))  # as saved, widened as a CPU stage does
         mx.eval(q, s, b)
         plan = cpu_matmul.quantized_plan(np.asarray(q), np.asarray(s), np.asarray(b), GROUP_SIZE, 4)
         dense = np.asarray(mx.dequantize(q, s, b, group_size=GROUP_SIZE, bits=4))
-        weight_bytes = q.nbytes + s.nbytes + b.nbytes
+        weight_bytes = q.nbytes + (s.nbytes + b.nbytes) // 2
         for rows in DECODE_ROWS + (() if name == "lm_head" else (PREFILL_ROWS,)):
             x = rng.standard_normal((rows, in_dim), np.float32)
             xm = mx.array(x)
@@ -75,7 +79,7 @@ def bench_kernels(threads: int, rounds: int) -> None:
                                                                      group_size=GROUP_SIZE, bits=4))}
             if rows == PREFILL_ROWS:
                 candidates["chunk"] = lambda: plan.on_blas(x, threads)
-                candidates["blas"] = lambda: x @ dense.T
+                candidates["blas"] = lambda: _on_threads(threadpool_limits, threads, lambda: x @ dense.T)
             reps = 3 if rows == PREFILL_ROWS or name == "lm_head" else 20
             times = {k: [] for k in candidates}
             for _ in range(rounds):
@@ -88,6 +92,11 @@ def bench_kernels(threads: int, rounds: int) -> None:
             vs_blas = f"{max(rate['ours'], rate['chunk']) / rate['blas']:.2f}x" if "blas" in rate else ""
             print(f"{name:<10} {rows:>4} {ours:>16} {rate['mlx']:>8.1f} {blas:>9} {unit:<8} "
                   f"{max(rate['ours'], rate.get('chunk', 0)) / rate['mlx']:>6.1f}x {vs_blas:>8}", flush=True)
+
+
+def _on_threads(limits, threads: int, fn):
+    with limits(limits=threads, user_api="blas"):  # Plan.on_blas leaves BLAS on one thread
+        return fn()
 
 
 # --- model -----------------------------------------------------------------------------------------------

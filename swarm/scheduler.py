@@ -290,7 +290,6 @@ class StageScheduler:
             out = self._forward_cpu(batch, sessions)
             if not self.stage.spec.last:
                 return out
-            out = mx.array(out)
             return choose(out, [None if p.more else s.sampler for p, s in zip(batch, sessions)])
         if self.stage.spec.first:
             x = mx.array([t for p in batch for t in p.rows], dtype=mx.int32)
@@ -356,19 +355,23 @@ class StageScheduler:
             pass
 
 
-def choose(logits: mx.array, samplers: list[Sampler | None]) -> list[Choice | None]:
+def choose(logits: mx.array | np.ndarray, samplers: list[Sampler | None]) -> list[Choice | None]:
     """Each session's next token from its row of logits (sessions, vocab); None where it has no sampler.
-    Plain greedy rows share one argmax; the others go through their own sampler."""
+    Plain greedy rows share one argmax (numpy's, on a CPU stage's numpy logits: no MLX op); the others go
+    through their own sampler."""
     plain = [i for i, s in enumerate(samplers) if s is not None and s.params.plain_greedy]
     out: list[Choice | None] = [None] * len(samplers)
     if plain:
-        picks = mx.argmax(logits[mx.array(plain)] if len(plain) < len(samplers) else logits, axis=-1).tolist()
+        if isinstance(logits, np.ndarray):
+            picks = np.argmax(logits[plain] if len(plain) < len(samplers) else logits, axis=-1).tolist()
+        else:
+            picks = mx.argmax(logits[mx.array(plain)] if len(plain) < len(samplers) else logits, axis=-1).tolist()
         for i, token in zip(plain, picks):
             samplers[i].accept(token)
             out[i] = Choice(token)
     for i, sampler in enumerate(samplers):
         if sampler is not None and out[i] is None:
-            out[i] = sampler.next(logits[i])
+            out[i] = sampler.next(mx.array(logits[i]) if isinstance(logits, np.ndarray) else logits[i])
     return out
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from swarm.model.decoder import load_stage
 from swarm.model.generate import generate_ids
-from swarm.model.sampling import SamplingParams
-from swarm.scheduler import PREFILL_ROWS, Opening, Route, StageScheduler
+from swarm.model.sampling import Sampler, SamplingParams
+from swarm.scheduler import PREFILL_ROWS, Opening, Route, StageScheduler, choose
 
 EOS = frozenset({2})
 
@@ -141,3 +143,19 @@ async def test_rows_that_break_the_rules_are_refused_one_session_at_a_time(tiny_
     bad_opening = open_frame(3, {"odd": [1, 2]}, 5)
     bad_opening["rows"][0]["open"]["sampling"]["temperature"] = float("nan")
     assert [sid for _, sid, _ in h.scheduler.take_forward(bad_opening)] == ["odd"]
+
+
+def test_numpy_logits_are_chosen_from_as_mlx_logits_are():
+    """A CPU stage hands choose() numpy logits: greedy rows take numpy's argmax, the others their sampler's
+    draw; every pick is the one the same logits as an mx.array give."""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((4, 300)).astype(np.float32)
+    logits[1, [17, 250]] = 9.0  # a tie: the first index, as MLX's argmax
+    params = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=5),
+              SamplingParams(max_tokens=5, temperature=0.8, seed=3), SamplingParams(max_tokens=5, top_p=0.9, temperature=1.0, seed=4)]
+
+    def picks(x):
+        return [c.token for c in choose(x, [Sampler(p) for p in params])]
+
+    assert picks(logits) == picks(mx.array(logits))
+    assert picks(logits)[1] == 17
