@@ -188,8 +188,8 @@ def test_join_mid_stream_moves_layers(swarm):
     node that comes back is b restarted with its --cache-dir: it loads its shard from there."""
     s, nodes = spare_source_swarm(swarm)
     b = nodes["b"]
-    cached = shard_files(swarm.tmp_path / "b")
-    assert list(cached) == ["2-4-f0l0"]
+    # b's shard of the plan over all four (a plan from before the last node joined may have left another)
+    cached = shard_files(swarm.tmp_path / "b")["2-4-f0l0"]
     expected = swarm.expected(LONG)
     b.stop(signal.SIGKILL)
     recovered([s, nodes["a"], nodes["c"]], [("a", 0, 2), ("c", 2, 4), ("s", 4, 5)], since=time.monotonic())
@@ -216,7 +216,7 @@ def test_join_mid_stream_moves_layers(swarm):
     took = recovered([s, nodes["a"], joined["b"], nodes["c"]], full, since=streams[0]["at"], timeout=60)
     print(f"\njoin: {len(streams)} streams, the longest pause {max(r['pause_s'] for r in streams):.2f} s; "
           f"b back in the plan {took:.2f} s after its start")
-    assert shard_files(swarm.tmp_path / "b") == cached  # the same file: not downloaded again
+    assert shard_files(swarm.tmp_path / "b")["2-4-f0l0"] == cached  # the same file: not downloaded again
     assert s.state()["stats"]["moves"] >= 1
 
 
