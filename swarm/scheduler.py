@@ -286,28 +286,21 @@ class StageScheduler:
 
     def _forward(self, batch: list[Piece], sessions: list[StageSession]):
         """On the compute thread: the batch through the stage; hidden states, or one Choice per final piece."""
+        caches, rows = [s.caches for s in sessions], [p.n for p in batch]
+        ids = [t for p in batch for t in p.rows] if self.stage.spec.first else None
+        hidden = None if self.stage.spec.first else batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         if self.stage.cpu is not None:  # numpy from the wire to the wire: an MLX op costs a thread hand-off
-            out = self._forward_cpu(batch, sessions)
-            if not self.stage.spec.last:
-                return out
-            return choose(out, [None if p.more else s.sampler for p, s in zip(batch, sessions)])
-        if self.stage.spec.first:
-            x = mx.array([t for p in batch for t in p.rows], dtype=mx.int32)
+            x = np.array(ids, np.int32) if ids is not None else tensor_float32(hidden, self.wire_in)
+            out = self.stage.forward_numpy(x, caches, rows)
         else:
-            x = tensor_to_mx(batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch]), self.wire_in)
-        out = self.stage.forward(x, [s.caches for s in sessions], [p.n for p in batch])
+            x = mx.array(ids, dtype=mx.int32) if ids is not None else tensor_to_mx(hidden, self.wire_in)
+            out = self.stage.forward(x, caches, rows)
+            if not self.stage.spec.last:
+                out = out[0]
+                mx.eval(out)
         if not self.stage.spec.last:
-            out = out[0]
-            mx.eval(out)
             return out
         return choose(out, [None if p.more else s.sampler for p, s in zip(batch, sessions)])
-
-    def _forward_cpu(self, batch: list[Piece], sessions: list[StageSession]) -> np.ndarray:
-        if self.stage.spec.first:
-            x = np.array([t for p in batch for t in p.rows], np.int32)
-        else:
-            x = tensor_float32(batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch]), self.wire_in)
-        return self.stage.forward_numpy(x, [s.caches for s in sessions], [p.n for p in batch])
 
     async def _emit(self, batch: list[Piece], sessions: list[StageSession], out) -> None:
         route = self.route

@@ -176,6 +176,19 @@ def test_tensor_round_trip_is_lossless(dtype):
                           np.array(y.view(mx.uint16 if y.itemsize == 2 else mx.uint32)))
 
 
+@pytest.mark.parametrize("wire", [None, "float32", "float16", "bfloat16"])
+def test_a_cpu_stages_numpy_rows_travel_as_mlx_rows_do(wire):
+    """A CPU stage sends numpy float32 rows and reads what comes in without MLX: the same bytes as from
+    the mx.array, and tensor_float32 widens each wire dtype to the float32 values MLX's astype gives."""
+    x = (np.random.default_rng(3).standard_normal((4, 7)) * 50).astype(np.float32)
+    d = P.encode_tensor(x, wire)
+    assert d == P.encode_tensor(mx.array(x), wire)
+    got = P.tensor_float32(P.tensor_numpy(d), d["dtype"])
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(P.decode_tensor(d).astype(mx.float32)))
+    with pytest.raises(ProtocolError):
+        P.encode_tensor(x.astype(np.float64))
+
+
 def test_bfloat16_bits_on_the_wire_are_the_top_half_of_float32():
     x = mx.array([1.0, -2.5, 3.140625], dtype=mx.float32)
     d = P.encode_tensor(x, "bfloat16")
