@@ -146,6 +146,7 @@ def attend_rows(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
 
 
 ATTEND_BLOCK = 64  # rows of a prompt chunk that attend_on_blas computes at a time
+_HIDDEN = np.triu(np.full((ATTEND_BLOCK, ATTEND_BLOCK), -np.inf, np.float32), k=1)  # row i sees columns <= i
 
 
 def attend_on_blas(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
@@ -157,7 +158,6 @@ def attend_on_blas(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
     kv_heads, past = kv.keys.shape[0], kv.offset - L
     group = heads // kv_heads
     out = np.empty((L, heads, dim), np.float32)
-    hidden = np.triu(np.full((ATTEND_BLOCK, ATTEND_BLOCK), -np.inf, np.float32), k=1)  # row i sees columns <= i
 
     def block(b0: int) -> None:
         n = min(ATTEND_BLOCK, L - b0)
@@ -166,14 +166,13 @@ def attend_on_blas(q: np.ndarray, kv: KV, scale: float) -> np.ndarray:
             rows = q[b0:b0 + n, g * group:(g + 1) * group].reshape(n * group, dim)
             s = (rows @ kv.keys[g, :seen].T).reshape(n, group, seen)
             s *= np.float32(scale)
-            s[:, :, seen - n:] += hidden[:n, None, :n]
+            s[:, :, seen - n:] += _HIDDEN[:n, None, :n]
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
             out[b0:b0 + n, g * group:(g + 1) * group] = (s.reshape(n * group, seen) @ kv.values[g, :seen]).reshape(n, group, dim)
 
-    cpu_matmul.one_thread_blas()
-    list(cpu_matmul.blas_pool(cpu_path.threads()).map(block, range(0, L, ATTEND_BLOCK)))
+    cpu_matmul.on_blas_threads(block, range(0, L, ATTEND_BLOCK), cpu_path.threads())
     return out.reshape(L, heads * dim)
 
 
@@ -199,8 +198,8 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         _silu_mul_rows(gate, up, out, 0, T)
         return out
     bounds = np.linspace(0, T, cpu_path.threads() + 1).astype(int)
-    list(cpu_matmul.blas_pool(cpu_path.threads()).map(lambda i: _silu_mul_rows(gate, up, out, bounds[i], bounds[i + 1]),
-                                                      range(len(bounds) - 1)))
+    cpu_matmul.on_blas_threads(lambda i: _silu_mul_rows(gate, up, out, bounds[i], bounds[i + 1]),
+                               range(len(bounds) - 1), cpu_path.threads())
     return out
 
 

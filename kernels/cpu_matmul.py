@@ -179,17 +179,14 @@ class Plan:
         tiles at hundreds of rows, but a row's sums then run in BLAS's order, which may depend on the other
         rows: `__call__` keeps rows independent, this does not.
 
-        The output columns are split over `threads` Python threads; each dequantizes BLAS_ROWS weight rows
-        at a time and multiplies them on a one-thread BLAS. (BLAS's own threads spin for a while after each
-        call, and would fight the kernels' threads for the cores.)"""
+        The output columns are split over `threads` BLAS threads (`on_blas_threads`); each dequantizes
+        BLAS_ROWS weight rows at a time and multiplies them."""
         if self.kind == DENSE and self.weight.shape[1] != self.in_dim:
             x = np.pad(x, ((0, 0), (0, self.weight.shape[1] - self.in_dim)))
         x = kernel_order(x, self.kind)
         out = np.empty((x.shape[0], self.out_dim), np.float32)
         parts = np.linspace(0, self.out_dim, max(1, min(threads, self.out_dim // TASK_ROWS)) + 1).astype(int)
-        one_thread_blas()
-        list(blas_pool(len(parts) - 1).map(lambda i: self._blas_part(x, out, parts[i], parts[i + 1]),
-                                            range(len(parts) - 1)))
+        on_blas_threads(lambda i: self._blas_part(x, out, parts[i], parts[i + 1]), range(len(parts) - 1), len(parts) - 1)
         return out
 
     def _blas_part(self, x: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
@@ -204,8 +201,15 @@ class Plan:
             np.matmul(x, rows.T, out=out[:, n0:n0 + len(rows)])
 
 
+def on_blas_threads(fn, items, threads: int) -> None:
+    """fn(item) for each item, on `threads` Python threads that each call a one-thread BLAS. (BLAS's own
+    threads spin for a while after each call, and would fight the kernels' threads for the cores.)"""
+    one_thread_blas()
+    list(_blas_pool(threads).map(fn, items))
+
+
 @functools.cache
-def blas_pool(threads: int) -> ThreadPoolExecutor:
+def _blas_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="cpu-blas")
 
 

@@ -31,14 +31,18 @@ _state: dict = {"enabled": None, "why": "", "target": "", "threads": CORES, "for
 
 
 def target() -> str:
-    """What numba compiles for: 'avx512', 'avx2' or the CPU name it was told (NUMBA_CPU_NAME)."""
+    """What numba compiles for: 'avx512' (the kernels' AVX-512 code, cpu_simd.PERMUTE), 'avx2' or the CPU
+    name it was told (NUMBA_CPU_NAME)."""
     import numba
     from llvmlite import binding
 
-    if numba.config.CPU_NAME:
+    from kernels import cpu_simd
+
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
         return numba.config.CPU_NAME
-    features = binding.get_host_cpu_features()
-    return "avx512" if features.get("avx512f") else "avx2" if features.get("avx2") else binding.get_host_cpu_name()
+    if cpu_simd.PERMUTE:
+        return "avx512"
+    return "avx2" if binding.get_host_cpu_features().get("avx2") else binding.get_host_cpu_name()
 
 
 def enabled() -> bool:

@@ -64,7 +64,6 @@ def _const(n: int):
 def _has_avx512() -> bool:
     """Whether numba compiles for a CPU with AVX-512F (the host, or the CPU named in NUMBA_CPU_NAME /
     NUMBA_CPU_FEATURES)."""
-    import numba
     from llvmlite import binding
 
     if numba.config.CPU_FEATURES:
@@ -185,12 +184,11 @@ class _Weights:
             words = _load(b, self.ptr, at, ir.VectorType(I32, 4))
             self.prefetch(at)
             spread = b.shuffle_vector(words, words, ir.Constant(VI, [0, 1, 2, 3] * 4))
+            shifted = [b.lshr(spread, ir.Constant(VI, [half + 4 * (lane // 4) for lane in range(LANES)])) for half in (0, 16)]
             if PERMUTE:
                 table = _fmuladd(b, ir.Constant(VF, [float(q) for q in range(16)]), s, bias)
-                return [_permute(b, table, b.lshr(spread, ir.Constant(VI, [half + 4 * (lane // 4) for lane in range(LANES)])))
-                        for half in (0, 16)]
-            return [_fmuladd(b, b.uitofp(b.and_(b.lshr(spread, ir.Constant(VI, [half + 4 * (lane // 4) for lane in range(LANES)])),
-                                                 ir.Constant(VI, [15] * LANES)), VF), s, bias) for half in (0, 16)]
+                return [_permute(b, table, index) for index in shifted]
+            return [_fmuladd(b, b.uitofp(b.and_(index, ir.Constant(VI, [15] * LANES)), VF), s, bias) for index in shifted]
         return [_fmuladd(b, self._in_order(row, step), s, bias)]
 
     def _in_order(self, row, step):
