@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,29 @@ from tests.checkpoints import require_demo
 REPO = Path(__file__).resolve().parents[1]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port for a daemon's API, with the next one free for its peer port. Taken below the kernel's
+    ephemeral range: a port from that range can be taken by some other connection's local end between
+    this check and the daemon's bind (CI saw it happen). Never the same port twice in one test run."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, low - 12000), low - 1)
+        if port in _handed_out or port + 1 in _handed_out:
+            continue
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        _handed_out.update((port, port + 1))
+        return port
+    raise RuntimeError(f"no two free ports in a row below {low} on {host}")
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict:
