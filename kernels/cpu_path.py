@@ -21,9 +21,14 @@ CHECK_ROWS = (1, 2, 5)  # activation rows the self-check runs: both drivers, and
 # 159 against 262 tok/s), the node's event loop, and on a machine shared by several daemons the next
 # stage (3 nodes on one VM: 0.73x one node's decode). Not spinning at all makes every region wait for a
 # sleeping thread. 20,000 pauses (~1 ms) bridge the gaps between the regions of one forward and no more:
-# 3 nodes 0.90x. (Read when libgomp loads, which is when numba starts its threads: set_threads.)
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+# 3 nodes 0.85-0.87x. A node whose peers all run on its own machine (bound to loopback) shares the cores
+# with the next stage, which starts a hop (~0.3 ms here) after this one ends: 2,000 pauses (~0.1 ms) end
+# the spinning before that (3 nodes 0.88-0.93x in A/B runs; one process's decode 3% slower, so only
+# there). Read when libgomp loads, which is when numba starts its threads: set by then (share_cores).
+SPIN_ALONE, SPIN_SHARED = "20000", "2000"
+_SPIN_GIVEN = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+if not _SPIN_GIVEN:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_ALONE
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -99,6 +104,14 @@ def _self_check(bits: int) -> tuple[bool, str]:
     return ok, f"{_format_name(bits)} {verdict} against MLX (rel. error {worst:.1e})"
 
 
+def share_cores(shared: bool) -> None:
+    """Whether this process shares the machine's cores with the other stages of its pipeline (every peer
+    on this machine): the kernel threads then spin SPIN_SHARED pauses after a region. Call it before the
+    first kernel runs; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+    if not _SPIN_GIVEN:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_SHARED if shared else SPIN_ALONE
+
+
 def set_threads(n: int) -> None:
     """Run the kernels on n threads (at most the cores numba was started with)."""
     _state["threads"] = max(1, int(n))
@@ -113,11 +126,17 @@ def threads() -> int:
     return _state["threads"]
 
 
+def _spin() -> str:
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    return f" spinning {os.environ.get('GOMP_SPINCOUNT')} pauses after a region"
+
+
 def describe() -> dict:
     """{"linear": "cpu-numba-<target>" or "mlx", "why": ...}: which kernels the CPU linears run, and why."""
     if not enabled():
         return {"linear": "mlx", "why": _state["why"]}
-    return {"linear": f"cpu-numba-{_state['target']}", "why": f"{_state['why']}; {_state['threads']} threads"}
+    return {"linear": f"cpu-numba-{_state['target']}", "why": f"{_state['why']}; {_state['threads']} threads{_spin()}"}
 
 
 def plan(weight: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int):

@@ -36,6 +36,11 @@ def kernel_path() -> dict:
     return {"linear": "mlx", "why": "Metal: MLX's own kernels"}
 
 
+def share_cores(shared: bool) -> None:
+    """Whether the node's pipeline runs on this machine's cores alone (see cpu_path.share_cores)."""
+    cpu_path.share_cores(shared)
+
+
 def set_threads(n: int) -> None:
     """Threads the CPU kernels use (default: all cores)."""
     cpu_path.set_threads(n)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from kernels.cpu_path import SPIN_ALONE  # noqa: E402
 from tests.swarm_harness import Daemon, chat_ws, free_port, wait_ready  # noqa: E402
 
 PROMPT = [1, 403, 407, 261, 378, 300, 17, 99]
@@ -65,7 +66,10 @@ def run_swarms(model: str, work: Path, tokens: int, max_context: int, env: dict,
     swarms = {}
     try:
         for n in (1, 2, 3):
-            swarms[n] = start_swarm(model, n, work, max_context, env)
+            # nodes on loopback spin their kernel threads shorter (kernels/cpu_path.py), which the other
+            # stages on these cores need; one node alone runs as a lone node on a LAN would
+            alone = {"GOMP_SPINCOUNT": SPIN_ALONE} if n == 1 else {}
+            swarms[n] = start_swarm(model, n, work, max_context, {**env, **alone})
         for daemons, _ in swarms.values():
             chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": 8})  # warm up
         runs = {n: [] for n in swarms}

@@ -7,6 +7,7 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -92,8 +93,10 @@ def _cmd_up(args) -> int:
 
     from web.app import make_app
 
+    from kernels.linear import set_threads, share_cores
+
+    share_cores(_is_loopback(args.host))  # a node on loopback has every peer on this machine
     if args.threads:
-        from kernels.linear import set_threads
         set_threads(args.threads)
 
     async def serve() -> None:
@@ -122,6 +125,13 @@ def _cmd_up(args) -> int:
     except ImportError:
         asyncio.run(serve())
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _node_url(node: str) -> str:

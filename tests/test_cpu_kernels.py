@@ -172,6 +172,30 @@ def test_without_avx512_the_kernels_still_pass():
     assert out.stdout.strip().splitlines()[-1] == "cpu-numba-haswell"
 
 
+@pytest.mark.parametrize("host, given, spin", [("127.0.0.1", None, "2000"), ("localhost", None, "2000"),
+                                               ("::1", None, "2000"), ("10.0.0.7", None, "20000"),
+                                               ("0.0.0.0", None, "20000"), ("127.0.0.1", "777", "777")])
+def test_kernel_threads_spin_shorter_on_a_node_whose_peers_share_its_cores(host, given, spin):
+    """`up` on a loopback address (every peer on this machine) makes the kernels' OpenMP threads spin
+    briefly after a region, so that the next stage gets the cores; elsewhere they bridge the gaps of one
+    forward; a user's GOMP_SPINCOUNT wins. The node's kernels line says which."""
+    code = ("import os, sys\n"
+            "from swarm.cli import _is_loopback\n"
+            "from kernels.linear import share_cores\n"
+            "share_cores(_is_loopback(sys.argv[1]))\n"
+            "from kernels import cpu_path\n"
+            "assert cpu_path.enabled(), cpu_path.describe()\n"
+            "print(os.environ['GOMP_SPINCOUNT'], cpu_path.describe()['why'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if given:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run([sys.executable, "-c", code, host], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    value, why = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert value == spin and why.endswith(f"spinning {spin} pauses after a region")
+
+
 # --- the ops around the linears ---------------------------------------------------------------------------
 
 def test_rms_norm_matches_mlx():
