@@ -129,7 +129,7 @@ def threads() -> int:
 def _spin() -> str:
     if "OMP_WAIT_POLICY" in os.environ:
         return f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-    return f" spinning {os.environ.get('GOMP_SPINCOUNT')} pauses after a region"
+    return f", spinning {os.environ.get('GOMP_SPINCOUNT')} pauses after a region"
 
 
 def describe() -> dict:
