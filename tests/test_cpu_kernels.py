@@ -198,6 +198,27 @@ def test_kernel_threads_spin_shorter_on_a_node_whose_peers_share_its_cores(host,
 
 # --- the ops around the linears ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_embedding_rows_are_mlxs_bit_for_bit(bits, group_size):
+    from kernels.linear import Linear
+    rng = np.random.default_rng(bits * 1000 + group_size)
+    q, s, b = mx.quantize(mx.array(rng.standard_normal((300, 384)).astype(np.float32) * 3), group_size=group_size,
+                          bits=bits)
+    ids = rng.integers(0, 300, 40)
+    for linear, numpy_path in ((Linear(q, scales=s, biases=b, group_size=group_size, bits=bits), True),
+                               (Linear(q, scales=s.astype(mx.bfloat16), biases=b.astype(mx.bfloat16),
+                                       group_size=group_size, bits=bits), False)):  # MLX rounds in bf16: its lookup
+        table = cpu_block.Embedding(linear)
+        assert (table.weight is not None) == numpy_path
+        for some in (ids, ids[:1]):
+            expected = np.array(linear.rows(mx.array(some)).astype(mx.float32))
+            np.testing.assert_array_equal(table.rows(some), expected)
+    dense = Linear(mx.array(rng.standard_normal((50, 64)).astype(np.float32)))
+    some = ids[:5] % 50
+    np.testing.assert_array_equal(cpu_block.Embedding(dense).rows(some), np.array(dense.rows(mx.array(some))))
+
+
 def test_rms_norm_matches_mlx():
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((9, 96), np.float32), rng.standard_normal(96).astype(np.float32)
