@@ -306,7 +306,7 @@ class LayerStep:
 
 class Embedding:
     """The embedding's rows for token ids on numpy, MLX's dequantized values bit for bit (scale * q + bias in
-    float32, q unpacked from the little-endian bit stream MLX packs): ~25 us a token where MLX's lookup
+    float32, q unpacked from the little-endian bit stream MLX packs): ~20 us a token where MLX's lookup
     takes ~330 us on the 2-core VM (a gather, a dequantize and a trip to MLX's stream thread). Weights in
     another dtype keep MLX's lookup."""
 

@@ -26,8 +26,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port for a daemon's API, with the next one free for its peer port. Taken below the kernel's
     ephemeral range: a port from that range can be taken by some other connection's local end between
     this check and the daemon's bind (CI saw it happen). Never the same port twice in one test run."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
     rng = random.Random()
     for _ in range(1000):
         port = rng.randrange(max(1024, low - 12000), low - 1)
