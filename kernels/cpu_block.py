@@ -308,7 +308,8 @@ class Embedding:
     """The embedding's rows for token ids on numpy, MLX's dequantized values bit for bit (scale * q + bias in
     float32, q unpacked from the little-endian bit stream MLX packs): ~20 us a token where MLX's lookup
     takes ~330 us on the 2-core VM (a gather, a dequantize and a trip to MLX's stream thread). Weights in
-    another dtype keep MLX's lookup."""
+    another dtype keep MLX's lookup. (Not cpu_matmul's dequantize: it fuses the multiply-add and reads
+    4-bit rows in kernel order, and the hidden states must start as MLX's.)"""
 
     def __init__(self, linear):
         self.linear, self.weight = linear, None
@@ -319,6 +320,7 @@ class Embedding:
             self.weight, self.scales, self.biases = (np.asarray(a) for a in (linear.weight, linear.scales, linear.biases))
             self.bits, self.group = linear.bits, linear.group_size
             self.width = linear.weight.shape[1] * 32 // linear.bits
+            self.place_values = 1 << np.arange(self.bits, dtype=np.uint16)  # a value from its bits
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         if self.weight is None:
@@ -327,7 +329,7 @@ class Embedding:
             return self.weight[ids]
         n = len(ids)
         bits = np.unpackbits(self.weight[ids].view(np.uint8), axis=-1, bitorder="little")
-        q = bits.reshape(n, self.width, self.bits) @ (1 << np.arange(self.bits, dtype=np.uint16))
+        q = bits.reshape(n, self.width, self.bits) @ self.place_values
         groups = q.astype(np.float32).reshape(n, -1, self.group)
         return (groups * self.scales[ids][:, :, None] + self.biases[ids][:, :, None]).reshape(n, self.width)
 

@@ -287,13 +287,15 @@ class StageScheduler:
     def _forward(self, batch: list[Piece], sessions: list[StageSession]):
         """On the compute thread: the batch through the stage; hidden states, or one Choice per final piece."""
         caches, rows = [s.caches for s in sessions], [p.n for p in batch]
-        ids = [t for p in batch for t in p.rows] if self.stage.spec.first else None
-        hidden = None if self.stage.spec.first else batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        if self.stage.spec.first:
+            ids = [t for p in batch for t in p.rows]
+        else:
+            hidden = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         if self.stage.cpu is not None:  # numpy from the wire to the wire: an MLX op costs a thread hand-off
-            x = np.array(ids, np.int32) if ids is not None else tensor_float32(hidden, self.wire_in)
+            x = np.array(ids, np.int32) if self.stage.spec.first else tensor_float32(hidden, self.wire_in)
             out = self.stage.forward_numpy(x, caches, rows)
         else:
-            x = mx.array(ids, dtype=mx.int32) if ids is not None else tensor_to_mx(hidden, self.wire_in)
+            x = mx.array(ids, dtype=mx.int32) if self.stage.spec.first else tensor_to_mx(hidden, self.wire_in)
             out = self.stage.forward(x, caches, rows)
             if not self.stage.spec.last:
                 out = out[0]
@@ -352,19 +354,18 @@ def choose(logits: mx.array | np.ndarray, samplers: list[Sampler | None]) -> lis
     """Each session's next token from its row of logits (sessions, vocab); None where it has no sampler.
     Plain greedy rows share one argmax (numpy's, on a CPU stage's numpy logits: no MLX op); the others go
     through their own sampler."""
+    on_numpy = isinstance(logits, np.ndarray)
     plain = [i for i, s in enumerate(samplers) if s is not None and s.params.plain_greedy]
     out: list[Choice | None] = [None] * len(samplers)
     if plain:
-        if isinstance(logits, np.ndarray):
-            picks = np.argmax(logits[plain] if len(plain) < len(samplers) else logits, axis=-1).tolist()
-        else:
-            picks = mx.argmax(logits[mx.array(plain)] if len(plain) < len(samplers) else logits, axis=-1).tolist()
+        rows = logits if len(plain) == len(samplers) else logits[plain if on_numpy else mx.array(plain)]
+        picks = (np.argmax if on_numpy else mx.argmax)(rows, axis=-1).tolist()
         for i, token in zip(plain, picks):
             samplers[i].accept(token)
             out[i] = Choice(token)
     for i, sampler in enumerate(samplers):
         if sampler is not None and out[i] is None:
-            out[i] = sampler.next(mx.array(logits[i]) if isinstance(logits, np.ndarray) else logits[i])
+            out[i] = sampler.next(mx.array(logits[i]) if on_numpy else logits[i])
     return out
 
 
