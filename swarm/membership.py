@@ -42,6 +42,7 @@ HEARTBEAT_S = 1.0
 DEAD_AFTER_S = 3.5
 SEND_TIMEOUT_S = DEAD_AFTER_S   # a peer that takes no frame for this long is as dead as a silent one
 HANDSHAKE_S = 5.0
+NAMED_RETRY_S = 30.0   # how long a node named by a peer (its welcome's list) is redialed while it does not answer
 VERSION = "2"   # 2: peer links over TLS
 
 
@@ -80,6 +81,8 @@ class Membership:
         self.refused: dict[str, str] = {}          # address -> why we refused it (shown in status)
         self._dialing: set[tuple[str, int]] = set()
         self._static: set[tuple[str, int]] = set()   # --peer addresses, redialed until they answer
+        # nodes a peer named that did not answer yet (a link just back up can refuse the first SYN): -> until
+        self._named: dict[tuple[str, int], tuple[float, int]] = {}   # (addr, port) -> (until, its peer port)
         self._peer_ports: dict[tuple[str, int], int] = {}   # (addr, dashboard port) -> its peer port
         self._tasks: set[asyncio.Task] = set()
         self._http: aiohttp.ClientSession | None = None
@@ -237,7 +240,7 @@ class Membership:
                 await ws.close()
                 return None
         except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ProtocolError) as e:
-            log.info("cannot join %s: %s", where, e)
+            log.log(logging.DEBUG if (addr, port) in self._named else logging.INFO, "cannot join %s: %s", where, e)
             self._peer_ports.pop((addr, port), None)   # ask again next time: it may have moved
             if ws is not None:
                 await ws.close()
@@ -245,6 +248,7 @@ class Membership:
         finally:
             self._dialing.discard((addr, port))
         self.refused.pop(where, None)
+        self._named.pop((addr, port), None)
         peer = self._admit(peer_id, addr, port, welcome.get("info") or hello.get("info") or {})
         peer.peer_port, peer.fingerprint = peer_port, seen
         if peer.link is not None and not peer.link.closed:
@@ -253,7 +257,9 @@ class Membership:
         peer.link = ws
         for other in welcome.get("peers") or []:
             if isinstance(other, dict) and other.get("node_id") not in (*self.peers, self.node_id):
-                self.dial_soon(str(other.get("addr")), _int(other.get("port")), _int(other.get("peer_port")))
+                named, peer_port = (str(other.get("addr")), _int(other.get("port"))), _int(other.get("peer_port"))
+                self._named.setdefault(named, (time.monotonic() + NAMED_RETRY_S, peer_port))
+                self.dial_soon(*named, peer_port)
         self._spawn(self._read(peer_id, ws))
         return peer
 
@@ -360,15 +366,23 @@ class Membership:
                 self._spawn(ws.close())
         self.on_leave(peer, why)
 
+    def beat(self) -> None:
+        """A heartbeat (this node's info) to every peer now; the loop sends one each HEARTBEAT_S."""
+        self._seq += 1
+        frame = {"t": "heartbeat", "node_id": self.node_id, "seq": self._seq, "info": self.info()}
+        for node_id in list(self.peers):
+            # a task each: a peer whose link is stuck must not hold up the others' heartbeats
+            self._spawn(self._send_quietly(node_id, frame))
+
     async def _heartbeats(self) -> None:
         while True:
-            self._seq += 1
-            frame = {"t": "heartbeat", "node_id": self.node_id, "seq": self._seq, "info": self.info()}
-            for node_id in list(self.peers):
-                # a task each: a peer whose link is stuck must not hold up the others' heartbeats
-                self._spawn(self._send_quietly(node_id, frame))
+            self.beat()
+            now = time.monotonic()
+            self._named = {where: named for where, named in self._named.items() if named[0] > now}
             for addr, port in self._static:
                 self.dial_soon(addr, port)
+            for (addr, port), (_, peer_port) in self._named.items():
+                self.dial_soon(addr, port, peer_port)
             for _ in range(2):  # look for silent peers twice a beat: a dead one is dropped sooner
                 now = time.monotonic()
                 for peer in list(self.peers.values()):

@@ -518,6 +518,7 @@ class Node:
             self.stage_state = "failed"
             ack = {"t": "plan_ack", "epoch": epoch, "node_id": self.id, "ok": False, "error": str(e)[:400]}
         self.notify()
+        self.members.beat()  # every peer's view of this node's stage, now rather than at the next heartbeat
         await self.send_quietly(meta["coordinator"], ack)
 
     async def _load_stage(self, meta: dict, stage) -> Stage:

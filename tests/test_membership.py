@@ -93,3 +93,54 @@ def test_wrong_cluster_key_is_never_admitted(swarm):
     assert closed in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert [n["name"] for n in a.state()["nodes"]] == ["a"]
     assert "bad cluster key" in a.log()
+
+
+async def test_a_node_a_peer_names_is_redialed_until_it_answers(tmp_path):
+    """A joining node learns the others from its first peer's welcome. One that does not answer at once (a
+    link just back up, a SYN lost) is dialed again each heartbeat until it does: here b is reachable only
+    through a relay that opens 1.5 s after c joined a."""
+    from swarm.membership import Membership
+    from swarm.tls import load_identity
+
+    key, relay_port = uuid.uuid4().hex, free_port()
+    nodes = {}
+
+    def member(name: str, peer_port_told: int = 0) -> Membership:
+        info = lambda: {"name": name, "addr": "127.0.0.1", "port": peer_port_told or nodes[name].peer_port,  # noqa: E731
+                        "peer_port": peer_port_told or nodes[name].peer_port}
+        nodes[name] = Membership(name, key, info, lambda peer: None, lambda peer, why: None, lambda peer_id, frame: None)
+        return nodes[name]
+
+    a, b, c = member("a"), member("b", peer_port_told=relay_port), member("c")
+    relay = None
+    try:
+        for name, m in nodes.items():
+            await m.start("127.0.0.1", 0, load_identity(tmp_path / name))
+        assert await b.dial("127.0.0.1", a.peer_port) is not None
+        assert await c.dial("127.0.0.1", a.peer_port) is not None  # a's welcome names b, at the relay's port
+        await asyncio.sleep(0.3)
+        assert "b" not in c.peers  # nothing listens there yet
+
+        async def pipe(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        async def forward(reader, writer):
+            to_reader, to_writer = await asyncio.open_connection("127.0.0.1", b.peer_port)
+            await asyncio.gather(pipe(reader, to_writer), pipe(to_reader, writer), return_exceptions=True)
+
+        await asyncio.sleep(1.2)
+        relay = await asyncio.start_server(forward, "127.0.0.1", relay_port)
+        deadline = time.monotonic() + 10
+        while "b" not in c.peers or c.peers["b"].link is None:
+            assert time.monotonic() < deadline, f"c never joined b: {sorted(c.peers)}"
+            await asyncio.sleep(0.1)
+    finally:
+        if relay is not None:
+            relay.close()
+        for m in nodes.values():
+            await m.close()
