@@ -1,21 +1,27 @@
 """Swarm benchmark on loopback: decode tok/s of 1, 2 and 3 nodes in one run, the per-hop cost, time to ready.
 
-    python scripts/bench_swarm.py [--model qwen2.5-0.5b|demo|PATH] [--tokens 64] [--rounds 7]
+    python scripts/bench_swarm.py [--model qwen2.5-0.5b|demo|PATH] [--tokens 64] [--rounds 7] [--cores-per-node K]
 
 Every node is a real `cake-swarm up` process on 127.0.0.1 (mDNS off, --peer to the source). Budgets are set
 so that N nodes are needed for N = 1, 2, 3; the three swarms run side by side and the same greedy request
 goes to each in turn through its first node (best and median tok/s, ratios best to best and median to
 median).
-The per-hop cost comes from the demo model, whose compute is tiny: (time per token with 3 nodes - with 1
-node) / 3 extra hops per token.
+The per-hop cost comes from the demo model (--hop-model), whose compute is tiny: (time per token with 3
+nodes - with 1 node) / 3 extra hops per token.
+
+By default every node shares all of the machine's cores, as daemons on one small machine do. With
+--cores-per-node K (a many-core host), node i of each swarm runs on cores [iK, iK+K) alone, with K kernel
+threads, spinning as a lone node on a LAN would: three devices of K cores each, joined by loopback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +49,10 @@ def model_bytes(model: str, max_context: int) -> tuple[int, int]:
     return cost.total_bytes(), max(cost.layer_bytes) + cost.kv_bytes_per_layer
 
 
-def start_swarm(model: str, n: int, work: Path, max_context: int, env: dict) -> tuple[list[Daemon], float]:
-    """n real daemons holding the model, budgets set so that all n are needed; (daemons, seconds to ready)."""
+def start_swarm(model: str, n: int, work: Path, max_context: int, env: dict,
+                cores_per_node: int = 0) -> tuple[list[Daemon], float]:
+    """n real daemons holding the model, budgets set so that all n are needed; (daemons, seconds to ready).
+    With cores_per_node, node i runs on cores [i * cores_per_node, (i + 1) * cores_per_node) only."""
     total, layer = model_bytes(model, max_context)
     # halfway between 1/n and 1/(n-1) of the model: n nodes are needed, with room for the embedding and head
     budget = total + layer if n == 1 else (total // n + total // (n - 1)) // 2
@@ -55,21 +63,29 @@ def start_swarm(model: str, n: int, work: Path, max_context: int, env: dict) -> 
         args = ["--memory-budget", str(budget), "--max-context", str(max_context), "--speed", str(10 - i),
                 "--no-mdns", "--cache-dir", str(work / f"{Path(model).name}-n{n}-{i}")]
         args += ["--model", model] if i == 0 else ["--peer", f"127.0.0.1:{port}"]
-        daemons.append(Daemon(f"{Path(model).name}-n{n}-{i}", "127.0.0.1", port if i == 0 else free_port(), args, work, env))
+        popen = subprocess.Popen
+        if cores_per_node:
+            cores = set(range(i * cores_per_node, (i + 1) * cores_per_node))
+            args += ["--threads", str(cores_per_node)]
+            popen = functools.partial(subprocess.Popen, preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores))
+        daemons.append(Daemon(f"{Path(model).name}-n{n}-{i}", "127.0.0.1", port if i == 0 else free_port(), args, work,
+                              env, popen))
     wait_ready(daemons, timeout=600, nodes=n)
     return daemons, time.perf_counter() - t0
 
 
-def run_swarms(model: str, work: Path, tokens: int, max_context: int, env: dict, rounds: int) -> list[dict]:
+def run_swarms(model: str, work: Path, tokens: int, max_context: int, env: dict, rounds: int,
+               cores_per_node: int = 0) -> list[dict]:
     """Swarms of 1, 2 and 3 nodes up side by side, idle but for the request in flight: one request to each
     in turn, `rounds` times, so that the machine's moods fall on all of them alike."""
     swarms = {}
     try:
         for n in (1, 2, 3):
             # nodes on loopback spin their kernel threads shorter (kernels/cpu_path.py), which the other
-            # stages on these cores need; one node alone runs as a lone node on a LAN would
-            alone = {"GOMP_SPINCOUNT": SPIN_ALONE} if n == 1 else {}
-            swarms[n] = start_swarm(model, n, work, max_context, {**env, **alone})
+            # stages on these cores need; one node alone, or each on cores of its own, runs as a lone node
+            # on a LAN would
+            alone = {"GOMP_SPINCOUNT": SPIN_ALONE} if n == 1 or cores_per_node else {}
+            swarms[n] = start_swarm(model, n, work, max_context, {**env, **alone}, cores_per_node)
         for daemons, _ in swarms.values():
             chat_ws(daemons[0].url, {"prompt_ids": PROMPT, "max_tokens": 8})  # warm up
         runs = {n: [] for n in swarms}
@@ -94,11 +110,17 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--rounds", type=int, default=7, help="requests to each swarm, in turn")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cake-swarm-bench")
+    p.add_argument("--hop-model", default="demo", help="the model the per-hop cost is measured on (none: skip)")
+    p.add_argument("--cores-per-node", type=int, default=0,
+                   help="give node i of each swarm cores [iK, iK+K) of its own and K threads (0: all share all)")
     args = p.parse_args()
+    if args.cores_per_node and 3 * args.cores_per_node > len(os.sched_getaffinity(0)):
+        p.error(f"--cores-per-node {args.cores_per_node}: three nodes need {3 * args.cores_per_node} cores, "
+                f"this machine gives {len(os.sched_getaffinity(0))}")
     args.work.mkdir(parents=True, exist_ok=True)
     env = {"XDG_CACHE_HOME": str(args.work / "xdg")}
     models = []
-    for model in (args.model, "demo"):
+    for model in [args.model] + ([args.hop_model] if args.hop_model != "none" else []):
         if model.startswith(("qwen", "llama")):
             from make_model import make_model
             folder = args.work / model
@@ -106,11 +128,12 @@ def main() -> None:
                 make_model(model, folder)
             model = str(folder)
         models.append(model)
-    print(f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print(f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}; "
+          + (f"each node on {args.cores_per_node} cores of its own" if args.cores_per_node else "all nodes share all cores"))
     results = {}
     for model in models:
-        tokens = args.tokens if model != "demo" else 200
-        rows = run_swarms(model, args.work, tokens, args.max_context, env, args.rounds)
+        tokens = args.tokens if model == models[0] else 200
+        rows = run_swarms(model, args.work, tokens, args.max_context, env, args.rounds, args.cores_per_node)
         results[model] = rows
         base = rows[0]
         print(f"\n{Path(model).name}: {tokens} tokens, greedy, through the first node; {args.rounds} requests to each "
@@ -121,6 +144,8 @@ def main() -> None:
             ratio = f"{max(r['tps']) / max(base['tps']):.2f} / {statistics.median(r['tps']) / statistics.median(base['tps']):.2f}x"
             print(f"{r['nodes']:>5} {r['stages']:>6} {max(r['tps']):>10.1f} {statistics.median(r['tps']):>7.1f} {ratio:>15} "
                   f"{r['ttft_s'] * 1000:>8.1f} {r['ready_s']:>11.1f} {str(len(r['ids'] | base['ids']) == 1):>8}")
+    if len(models) < 2:
+        return
     demo = results[models[-1]]
     per_token = [1 / statistics.median(r["tps"]) for r in demo]
     print(f"\nper-hop cost (demo, medians; 3 hops per token at 3 nodes, none at 1): "

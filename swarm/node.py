@@ -311,10 +311,11 @@ class Node:
         if t == "forward":
             await self._take_forward(frame)
         elif t == "tokens":
-            deliver_tokens(self, frame["rows"])
+            # the next step first: its forward starts on the compute thread before the stream's writes run
             first = self.schedulers.get(0)
             if first is not None and frame["epoch"] == first.route.epoch:
                 first.take_tokens(frame["rows"])
+            deliver_tokens(self, frame["rows"])
         elif t == "end":
             for scheduler in self.schedulers.values():
                 scheduler.end(frame["session"])
