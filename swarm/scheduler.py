@@ -337,9 +337,10 @@ class StageScheduler:
                 self.end(piece.session)
             elif route.first_node != session.origin:
                 by_target.setdefault(route.first_node, []).append(row)
-        for target, rows in by_target.items():
+        # the first stage's copy first: the next step waits on it, the stream does not
+        for target in sorted(by_target, key=lambda node: node != route.first_node):
             try:
-                await self.send(target, {"t": "tokens", "epoch": route.epoch, "rows": rows})
+                await self.send(target, {"t": "tokens", "epoch": route.epoch, "rows": by_target[target]})
             except ConnectionError:
                 pass  # an origin gone has nobody to stream to; a first stage gone moves its sessions
 
