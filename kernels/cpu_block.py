@@ -355,7 +355,7 @@ class StageRunner:
         else hidden states (T, hidden)."""
         stage = self.stage
         if stage.spec.first:
-            h = self.embedding.rows(np.asarray(x, np.int64))
+            h = self.embedding.rows(np.asarray(x))  # int32 ids from the scheduler index as they are
         else:
             h = np.ascontiguousarray(x, np.float32).reshape(-1, stage.cfg.hidden_size)
         for i, layer in enumerate(self.layers):
