@@ -194,23 +194,29 @@ def test_join_mid_stream_moves_layers(swarm):
     b.stop(signal.SIGKILL)
     recovered([s, nodes["a"], nodes["c"]], [("a", 0, 2), ("c", 2, 4), ("s", 4, 5)], since=time.monotonic())
 
-    # b starts after the first stream's 20th token; streams follow one another on two clients until b is
-    # back in the plan, so that the join lands in the middle of some stream however long b takes to start
+    # b starts after the first stream's 20th token. Halfway through each stream the next one starts, until b
+    # is back in the plan: one stream is always decoding, so the join lands in the middle of one however long
+    # b takes to start (streams one after another left gaps, and a join in a gap moved nothing)
     joined, full = {}, [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)]
+    chain_until = time.monotonic() + 120
 
     def b_in_plan() -> bool:
-        return "b" in joined and plan_of(s.state()) == full and s.state()["ready"]
+        state = s.state()
+        return "b" in joined and plan_of(state) == full and state["ready"]
 
-    def client(first: bool) -> list[dict]:
-        results = []
-        while not results or not b_in_plan():
-            fault = (lambda: joined.setdefault("b", swarm.start("b", "3", port=b.port))) if first and not results \
-                else (lambda: None)
-            results.append(stream_with_fault(s.url, {"prompt_ids": PROMPT, "max_tokens": LONG}, fault))
-        return results
+    def next_stream() -> None:
+        if not b_in_plan() and time.monotonic() < chain_until:
+            futures.append(pool.submit(stream, False))
 
-    with ThreadPoolExecutor(2) as pool:
-        streams = [r for rs in pool.map(client, (True, False)) for r in rs]
+    def stream(first: bool) -> dict:
+        fault = (lambda: joined.setdefault("b", swarm.start("b", "3", port=b.port))) if first else (lambda: None)
+        return stream_with_fault(s.url, {"prompt_ids": PROMPT, "max_tokens": LONG}, fault,
+                                 more={LONG // 2: next_stream})
+
+    with ThreadPoolExecutor(4) as pool:
+        futures, streams = [pool.submit(stream, True)], []
+        while len(streams) < len(futures):  # a stream adds its successor before it returns
+            streams.append(futures[len(streams)].result())
     for result in streams:
         assert_undisturbed(result, expected)
     took = recovered([s, nodes["a"], joined["b"], nodes["c"]], full, since=streams[0]["at"], timeout=60)
