@@ -1,17 +1,19 @@
 """Swarm benchmark on loopback: decode tok/s of 1, 2 and 3 nodes in one run, the per-hop cost, time to ready.
 
     python scripts/bench_swarm.py [--model qwen2.5-0.5b|demo|PATH] [--tokens 64] [--rounds 7] [--cores-per-node K]
+                                   [--swarms 1,2,3]
 
 Every node is a real `cake-swarm up` process on 127.0.0.1 (mDNS off, --peer to the source). Budgets are set
 so that N nodes are needed for N = 1, 2, 3; the three swarms run side by side and the same greedy request
 goes to each in turn through its first node (best and median tok/s, ratios best to best and median to
 median).
 The per-hop cost comes from the demo model (--hop-model), whose compute is tiny: (time per token with 3
-nodes - with 1 node) / 3 extra hops per token.
+nodes - with 1 node) / 3 extra hops per token (n for the largest swarm of --swarms).
 
 By default every node shares all of the machine's cores, as daemons on one small machine do. With
 --cores-per-node K (a many-core host), node i of each swarm runs on cores [iK, iK+K) alone, with K kernel
 threads, spinning as a lone node on a LAN would: three devices of K cores each, joined by loopback.
+`--swarms 1,2 --cores-per-node 1` makes the same comparison with two nodes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -75,12 +77,12 @@ def start_swarm(model: str, n: int, work: Path, max_context: int, env: dict,
 
 
 def run_swarms(model: str, work: Path, tokens: int, max_context: int, env: dict, rounds: int,
-               cores_per_node: int = 0) -> list[dict]:
-    """Swarms of 1, 2 and 3 nodes up side by side, idle but for the request in flight: one request to each
+               cores_per_node: int = 0, sizes: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
+    """Swarms of 1, 2 and 3 nodes (or `sizes`) up side by side, idle but for the request in flight: one request to each
     in turn, `rounds` times, so that the machine's moods fall on all of them alike."""
     swarms = {}
     try:
-        for n in (1, 2, 3):
+        for n in sizes:
             # nodes on loopback spin their kernel threads shorter (kernels/cpu_path.py), which the other
             # stages on these cores need; one node alone, or each on cores of its own, runs as a lone node
             # on a LAN would
@@ -113,10 +115,12 @@ def main() -> None:
     p.add_argument("--hop-model", default="demo", help="the model the per-hop cost is measured on (none: skip)")
     p.add_argument("--cores-per-node", type=int, default=0,
                    help="give node i of each swarm cores [iK, iK+K) of its own and K threads (0: all share all)")
+    p.add_argument("--swarms", default="1,2,3", help="the swarm sizes to compare, the first one the base")
     args = p.parse_args()
-    if args.cores_per_node and 3 * args.cores_per_node > len(os.sched_getaffinity(0)):
-        p.error(f"--cores-per-node {args.cores_per_node}: three nodes need {3 * args.cores_per_node} cores, "
-                f"this machine gives {len(os.sched_getaffinity(0))}")
+    sizes = tuple(int(n) for n in args.swarms.split(","))
+    if args.cores_per_node and max(sizes) * args.cores_per_node > len(os.sched_getaffinity(0)):
+        p.error(f"--cores-per-node {args.cores_per_node}: {max(sizes)} nodes need {max(sizes) * args.cores_per_node} "
+                f"cores, this machine gives {len(os.sched_getaffinity(0))}")
     args.work.mkdir(parents=True, exist_ok=True)
     env = {"XDG_CACHE_HOME": str(args.work / "xdg")}
     models = []
@@ -133,7 +137,7 @@ def main() -> None:
     results = {}
     for model in models:
         tokens = args.tokens if model == models[0] else 200
-        rows = run_swarms(model, args.work, tokens, args.max_context, env, args.rounds, args.cores_per_node)
+        rows = run_swarms(model, args.work, tokens, args.max_context, env, args.rounds, args.cores_per_node, sizes)
         results[model] = rows
         base = rows[0]
         print(f"\n{Path(model).name}: {tokens} tokens, greedy, through the first node; {args.rounds} requests to each "
@@ -144,12 +148,12 @@ def main() -> None:
             ratio = f"{max(r['tps']) / max(base['tps']):.2f} / {statistics.median(r['tps']) / statistics.median(base['tps']):.2f}x"
             print(f"{r['nodes']:>5} {r['stages']:>6} {max(r['tps']):>10.1f} {statistics.median(r['tps']):>7.1f} {ratio:>15} "
                   f"{r['ttft_s'] * 1000:>8.1f} {r['ready_s']:>11.1f} {str(len(r['ids'] | base['ids']) == 1):>8}")
-    if len(models) < 2:
+    if len(models) < 2 or sizes[0] != 1:
         return
     demo = results[models[-1]]
     per_token = [1 / statistics.median(r["tps"]) for r in demo]
-    print(f"\nper-hop cost (demo, medians; 3 hops per token at 3 nodes, none at 1): "
-          f"{(per_token[2] - per_token[0]) / 3 * 1e6:.0f} us")
+    print(f"\nper-hop cost (demo, medians; n hops per token at n nodes, none at 1): "
+          f"{(per_token[-1] - per_token[0]) / sizes[-1] * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
